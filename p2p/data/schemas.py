@@ -1,0 +1,232 @@
+"""The Arrow schemas of the four tables (DESIGN section 3) and their validation.
+
+Every reader goes through `validate`, so bad input fails with the file, the column and the
+row or user named, instead of a stack trace from deep inside pyarrow or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from p2p.errors import P2PError
+
+# Struct children are declared nullable so files written by any tool (pandas, Spark) cast
+# cleanly; `validate` enforces that item_id, text and ts are present, naming the user.
+HISTORY_ITEM = pa.struct(
+    [
+        pa.field("item_id", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("ts", pa.int64()),
+    ]
+)
+
+USERS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("history", pa.list_(HISTORY_ITEM), nullable=False),
+        pa.field("updated_at", pa.int64(), nullable=False),
+    ]
+)
+
+EXAMPLES = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("input", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+SPLITS = ("train", "val", "test_id", "test_ood")
+
+
+def profiles_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("profile_text", pa.string(), nullable=False),
+            pa.field("profile_hash", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("encoder", pa.string(), nullable=False),
+        ]
+    )
+
+
+def manifest_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("adapter_uri", pa.string(), nullable=False),
+            pa.field("profile_hash", pa.string(), nullable=False),
+            pa.field("hypernet_id", pa.string(), nullable=False),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("bytes", pa.int64(), nullable=False),
+            pa.field("created_at", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+KINDS = ("users", "examples", "profiles", "manifest")
+_UNIQUE_USER = {"users", "profiles", "manifest"}
+
+
+class DataError(P2PError):
+    """Input data that breaks a contract; the message names file, column and row/user."""
+
+
+def expected_schema(kind: str, table: pa.Table | None = None) -> pa.Schema:
+    if kind == "users":
+        return USERS
+    if kind == "examples":
+        return EXAMPLES
+    if kind in ("profiles", "manifest"):
+        dim = 0
+        if table is not None and "embedding" in table.column_names:
+            t = table.schema.field("embedding").type
+            dim = t.list_size if pa.types.is_fixed_size_list(t) else 0
+        return profiles_schema(dim) if kind == "profiles" else manifest_schema(dim)
+    raise ValueError(f"unknown table kind {kind!r}; one of {KINDS}")
+
+
+def _row_name(table: pa.Table, i: int) -> str:
+    if "user_id" in table.column_names:
+        uid = table.column("user_id")[i].as_py()
+        if uid is not None:
+            return f"row {i} (user {uid!r})"
+    return f"row {i}"
+
+
+def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
+    """Check `table` against the contract of `kind`; return it cast to the exact schema."""
+    schema = expected_schema(kind, table)
+    for field in schema:
+        if field.name not in table.column_names:
+            raise DataError(
+                f"{source}: missing column {field.name!r} ({kind} table; columns found: {table.column_names})"
+            )
+        got = table.schema.field(field.name).type
+        if field.name == "embedding" and not pa.types.is_fixed_size_list(got):
+            raise DataError(f"{source}: column 'embedding' must be fixed_size_list<float32>, found {got}")
+        if not got.equals(field.type):
+            try:
+                table = table.set_column(
+                    table.column_names.index(field.name), field.name, table.column(field.name).cast(field.type)
+                )
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(
+                    f"{source}: column {field.name!r} has type {got}, expected {field.type}"
+                ) from None
+        if not field.nullable:
+            col = table.column(field.name)
+            if col.null_count:
+                i = pc.index(pc.is_null(col), True).as_py()
+                raise DataError(f"{source}: column {field.name!r} is null at {_row_name(table, i)}")
+    table = table.select(schema.names)
+    if kind == "users":
+        _check_history(table, source)
+    if kind in _UNIQUE_USER:
+        _check_unique(table, "user_id", source)
+    if kind == "examples":
+        _check_unique(table, "example_id", source)
+        _check_splits(table, source)
+    return table
+
+
+def _check_history(table: pa.Table, source: str) -> None:
+    items = pc.list_flatten(table.column("history"))
+    for name in ("item_id", "text", "ts"):
+        child = pc.struct_field(items, name)
+        if child.null_count:
+            j = pc.index(pc.is_null(child), True).as_py()
+            parents = pc.list_parent_indices(table.column("history"))
+            i = parents[j].as_py()
+            raise DataError(f"{source}: column 'history.{name}' is null at {_row_name(table, i)}")
+
+
+def _check_unique(table: pa.Table, column: str, source: str) -> None:
+    col = table.column(column)
+    counts = pc.value_counts(col)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        value = dup[0]["values"].as_py()
+        rows = pc.indices_nonzero(pc.equal(col, value)).to_pylist()[:3]
+        raise DataError(f"{source}: column {column!r} has duplicate value {value!r} (rows {rows})")
+
+
+def _check_splits(table: pa.Table, source: str) -> None:
+    split = table.column("split")
+    bad = pc.invert(pc.is_in(split, value_set=pa.array(SPLITS)))
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raise DataError(
+            f"{source}: column 'split' has {split[i].as_py()!r} at {_row_name(table, i)}; valid: {', '.join(SPLITS)}"
+        )
+    pairs = table.group_by(["user_id", "split"]).aggregate([]).group_by("user_id").aggregate([("split", "list")])
+    many = pc.filter(pairs, pc.greater(pc.list_value_length(pairs.column("split_list")), 1))
+    if len(many):
+        user = many.column("user_id")[0].as_py()
+        splits = sorted(many.column("split_list")[0].as_py())
+        raise DataError(f"{source}: column 'split': user {user!r} is in two splits {splits}")
+
+
+def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The Parquet files behind `uri`: a file, a directory, `file://` or `s3://`."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        if not files:
+            raise DataError(f"{uri}: no .parquet files in this directory")
+        return fs, files
+    if not fs.exists(path):
+        raise DataError(f"{uri}: no such file or directory")
+    return fs, [path]
+
+
+def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
+    """Yield (file, validated table) one Parquet file at a time: memory stays bounded."""
+    fs, files = parquet_files(uri)
+    for path in files:
+        name = _display(fs, path)
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
+        yield name, validate(table, kind, name)
+
+
+def read_table(uri: str, kind: str) -> pa.Table:
+    """Read and validate a whole table; cross-file contracts are checked on the union."""
+    parts = [t for _, t in iter_tables(uri, kind)]
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        if kind in _UNIQUE_USER:
+            _check_unique(table, "user_id", uri)
+        if kind == "examples":
+            _check_unique(table, "example_id", uri)
+            _check_splits(table, uri)
+    return table
+
+
+def write_table(table: pa.Table, uri: str, kind: str) -> None:
+    """Validate, then write one Parquet file (local path or fsspec URI)."""
+    table = validate(table, kind, uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)

@@ -1,0 +1,40 @@
+"""Profiles -> adapters -> PEFT folders: what `p2p generate`, the refresh job and the server share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from p2p.hypernet import Hypernetwork, adapter_paths
+from p2p.lora import UserAdapter, save_peft, split_users
+
+
+@torch.no_grad()
+def generate_user_adapters(hypernet: Hypernetwork, embeddings: np.ndarray | torch.Tensor) -> list[UserAdapter]:
+    """One adapter (module path -> (A, B)) per embedding row, in one batched hypernet pass."""
+    emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    generated = hypernet(emb)
+    return split_users(generated, hypernet.config.layers, adapter_paths(hypernet.config))
+
+
+def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
+    c = hypernet.config
+    save_peft(
+        adapter, folder, base_model_name=c.base_model, rank=c.rank, scale=c.scale,
+        target_modules=c.target_modules, layers=c.layers, num_layers=c.num_layers,
+        fan_in_fan_out=c.fan_in_fan_out, metadata={"hypernet_id": hypernet_id},
+    )
+
+
+def folder_sha256(folder: str) -> tuple[str, int]:
+    """sha256 and size of an adapter folder's two files, in a fixed order."""
+    h, size = hashlib.sha256(), 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        h.update(name.encode() + b"\0" + data)
+        size += len(data)
+    return h.hexdigest(), size

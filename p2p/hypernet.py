@@ -1,0 +1,239 @@
+"""The hypernetwork: a user's profile embedding -> a full set of LoRA adapters in one pass.
+
+For every target (layer l, module m) the trunk reads
+    concat(LN(Linear(e_user)), LN(E_depth[l]), LN(E_module[m]))
+and one head per module type emits that target's A [r, in] and B [out, r]. All users times all
+targets go through the trunk as one batch. The heads start with zero weights and a bias equal
+to PEFT's default LoRA init (A Kaiming-uniform, B zero), so every adapter is exactly dW = 0 at
+step 0 and training starts from the base model.
+
+The first trunk layer acts on a concatenation, so it is computed as the sum of three smaller
+products (user part per user, target part per target) and broadcast: same function, far fewer
+FLOPs than materialising [users x targets, 3 x latent].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from p2p.errors import P2PError
+
+PRESETS = {
+    # CPU default: a few million parameters, ~ms per user.
+    "small": dict(latent=128, trunk_width=512, trunk_depth=2, head_in=256),
+    # The paper's sizes (arXiv:2510.16282): latent 1024, trunk 4096, head input 2048.
+    "paper": dict(latent=1024, trunk_width=4096, trunk_depth=2, head_in=2048),
+}
+
+
+@dataclass
+class HypernetConfig:
+    """Everything needed to rebuild the hypernetwork and to apply what it generates."""
+
+    base_model: str
+    encoder: str
+    embed_dim: int
+    num_layers: int
+    layers: list[int]  # layers that carry adapters (all, or the top K)
+    target_modules: list[str]  # e.g. ["q_proj", "v_proj"]
+    shapes: dict[str, list[int]]  # module name -> [in_features, out_features]
+    module_paths: dict[str, str]  # module name -> path template, e.g. "model.layers.{layer}.self_attn.q_proj"
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False  # training scale alpha/sqrt(r) if true, else alpha/r
+    fan_in_fan_out: bool = False  # GPT-2 style Conv1D targets
+    latent: int = 128
+    trunk_width: int = 512
+    trunk_depth: int = 2
+    head_in: int = 256
+    dropout: float = 0.0
+    seed: int = 0
+    profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
+    extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HypernetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"hypernet_id"})
+        if unknown:
+            raise P2PError(f"hypernet config: unknown field(s) {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def target_shapes(model: nn.Module, target_modules: list[str]) -> tuple[int, dict[str, list[int]], bool, dict]:
+    """(layer count, {module: [in, out]}, fan_in_fan_out, {module: path template}) of an HF causal LM."""
+    from p2p.lora import find_targets
+
+    found = find_targets(model, target_modules)
+    if not found:
+        raise P2PError(f"no modules named {target_modules} in {type(model).__name__}")
+    shapes: dict[str, list[int]] = {}
+    templates: dict[str, str] = {}
+    fan_in_fan_out = False
+    for t in found:
+        templates.setdefault(t.module, t.path.replace(f".{t.layer}.", ".{layer}.", 1))
+        shape = [t.in_features, t.out_features]
+        if shapes.setdefault(t.module, shape) != shape:
+            raise P2PError(f"module {t.module} has different shapes across layers; not supported")
+        fan_in_fan_out |= t.conv1d
+    missing = [m for m in target_modules if m not in shapes]
+    if missing:
+        raise P2PError(f"target module(s) {missing} not found; the model has e.g. {sorted(shapes)}")
+    num_layers = max(t.layer for t in found) + 1
+    return num_layers, shapes, fan_in_fan_out, templates
+
+
+def adapter_paths(config: HypernetConfig) -> dict[tuple[int, str], str]:
+    """(layer, module) -> the module's full path in the base model, for PEFT key names."""
+    return {
+        (layer, m): config.module_paths[m].format(layer=layer) for layer in config.layers for m in config.target_modules
+    }
+
+
+def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int, preset: str = "small",
+                rank: int = 8, alpha: float | None = None, target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+                top_k_layers: int | None = None, seed: int = 0, **overrides) -> HypernetConfig:
+    if preset not in PRESETS:
+        raise P2PError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    num_layers, shapes, fan, templates = target_shapes(model, list(target_modules))
+    layers = list(range(num_layers))
+    if top_k_layers:
+        if not 0 < top_k_layers <= num_layers:
+            raise P2PError(f"top_k_layers must be in 1..{num_layers}, got {top_k_layers}")
+        layers = layers[num_layers - top_k_layers :]
+    sizes = {**PRESETS[preset], **overrides}
+    return HypernetConfig(
+        base_model=base_model, encoder=encoder, embed_dim=embed_dim, num_layers=num_layers, layers=layers,
+        target_modules=list(target_modules), shapes=shapes, module_paths=templates, rank=rank,
+        alpha=float(alpha if alpha is not None else 2 * rank), fan_in_fan_out=fan, seed=seed,
+        extra={"preset": preset}, **sizes,
+    )
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class Hypernetwork(nn.Module):
+    def __init__(self, config: HypernetConfig):
+        super().__init__()
+        self.config = c = config
+        self.user_proj = nn.Linear(c.embed_dim, c.latent)
+        self.user_norm = nn.LayerNorm(c.latent)
+        self.depth_embed = nn.Embedding(c.num_layers, c.latent)
+        self.depth_norm = nn.LayerNorm(c.latent)
+        self.module_embed = nn.Embedding(len(c.target_modules), c.latent)
+        self.module_norm = nn.LayerNorm(c.latent)
+        # The first trunk layer on concat(user, depth, module), split by input block.
+        self.in_user = nn.Linear(c.latent, c.trunk_width)
+        self.in_target = nn.Linear(2 * c.latent, c.trunk_width, bias=False)
+        self.blocks = nn.ModuleList(ResidualBlock(c.trunk_width, c.dropout) for _ in range(c.trunk_depth))
+        self.out_norm = nn.LayerNorm(c.trunk_width)
+        self.out = nn.Linear(c.trunk_width, c.head_in)
+        self.heads = nn.ModuleDict(
+            {m: nn.Linear(c.head_in, c.rank * (i + o)) for m, (i, o) in c.shapes.items()}
+        )
+        self.register_buffer("layer_ids", torch.tensor(c.layers, dtype=torch.long), persistent=False)
+        self.reset_heads()
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Zero head weights; bias = PEFT's LoRA init (A Kaiming-uniform, B zero): dW = 0."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        for name, head in self.heads.items():
+            fan_in, fan_out = self.config.shapes[name]
+            a = torch.empty(self.config.rank, fan_in)
+            # nn.init.kaiming_uniform_(a, a=sqrt(5)) as peft does, with our own generator.
+            bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))
+            a.uniform_(-bound, bound, generator=gen)
+            head.weight.zero_()
+            head.bias.copy_(torch.cat([a.flatten(), torch.zeros(fan_out * self.config.rank)]))
+
+    def forward(self, embeddings: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """[U, embed_dim] -> {module: (A [U, L, r, in], B [U, L, out, r])} for the configured layers."""
+        c = self.config
+        if embeddings.ndim != 2 or embeddings.shape[1] != c.embed_dim:
+            raise ValueError(f"embeddings must be [users, {c.embed_dim}], got {tuple(embeddings.shape)}")
+        n_users, n_layers, n_mod = embeddings.shape[0], len(c.layers), len(c.target_modules)
+        user = self.user_norm(self.user_proj(embeddings))  # [U, latent]
+        depth = self.depth_norm(self.depth_embed(self.layer_ids))  # [L, latent]
+        module = self.module_norm(self.module_embed.weight)  # [M, latent]
+        target = torch.cat(
+            [depth[None, :, :].expand(n_mod, -1, -1), module[:, None, :].expand(-1, n_layers, -1)], dim=-1
+        )  # [M, L, 2 latent]
+        h = self.in_user(user)[:, None, None, :] + self.in_target(target)[None]  # [U, M, L, width]
+        h = h.reshape(n_users * n_mod * n_layers, c.trunk_width)
+        for block in self.blocks:
+            h = block(h)
+        h = self.out(self.out_norm(h)).reshape(n_users, n_mod, n_layers, c.head_in)
+        out = {}
+        for j, name in enumerate(c.target_modules):
+            fan_in, fan_out = c.shapes[name]
+            flat = self.heads[name](h[:, j])  # [U, L, r (in + out)]
+            a = flat[..., : c.rank * fan_in].reshape(n_users, n_layers, c.rank, fan_in)
+            b = flat[..., c.rank * fan_in :].reshape(n_users, n_layers, fan_out, c.rank)
+            out[name] = (a, b)
+        return out
+
+
+# --- checkpoint: DIR/config.json + DIR/model.safetensors, identified by a content hash -----------
+
+
+def _content_hash(config: HypernetConfig, weights_path: str) -> str:
+    h = hashlib.sha256(config.to_json().encode())
+    with open(weights_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def save_hypernet(model: Hypernetwork, folder: str) -> str:
+    """Write the checkpoint and return its `hypernet_id` (sha256 of config + weights)."""
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, "model.safetensors")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    hypernet_id = _content_hash(model.config, weights)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write(json.dumps({**asdict(model.config), "hypernet_id": hypernet_id}, sort_keys=True, indent=2))
+    return hypernet_id
+
+
+def load_hypernet(folder: str, device: str = "cpu") -> tuple[Hypernetwork, str]:
+    """Read a checkpoint (JSON + safetensors only, no pickle); verify its content hash."""
+    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not (os.path.exists(cfg_path) and os.path.exists(weights)):
+        raise P2PError(f"{folder}: not a hypernet checkpoint (needs config.json and model.safetensors)")
+    with open(cfg_path) as f:
+        data = json.load(f)
+    config = HypernetConfig.from_dict(data)
+    hypernet_id = _content_hash(config, weights)
+    if data.get("hypernet_id") not in (None, hypernet_id):
+        raise P2PError(f"{folder}: content hash {hypernet_id} != recorded {data['hypernet_id']}; files corrupted?")
+    model = Hypernetwork(config)
+    model.load_state_dict(load_file(weights, device=device))
+    return model.eval(), hypernet_id

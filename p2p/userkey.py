@@ -1,0 +1,30 @@
+"""User id -> a storage key that can never address another key.
+
+Everything outside [A-Za-z0-9_-] is percent-encoded, dots included, so `../x`, `a/b`, control
+characters and unicode all become flat, distinct, reversible names. Very long ids are cut and
+suffixed with a hash so keys stay within object-store limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from p2p.errors import P2PError
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]")
+MAX_KEY = 200
+
+
+def user_key(user_id: str) -> str:
+    if not isinstance(user_id, str) or user_id == "":
+        raise P2PError(f"invalid user id {user_id!r}: must be a non-empty string")
+    key = "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in user_id)
+    if len(key) > MAX_KEY:
+        key = key[: MAX_KEY - 17] + "~" + hashlib.sha256(user_id.encode()).hexdigest()[:16]
+    return key
+
+
+def shard_of(user_id: str, shards: int = 256) -> str:
+    """A stable two-hex-digit prefix that spreads keys (S3 limits PUTs per prefix)."""
+    return f"{hashlib.sha256(user_id.encode()).digest()[0] % shards:02x}"
