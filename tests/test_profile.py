@@ -1,0 +1,39 @@
+from p2p.data.synthetic import GENRE_TAGS, generate_chunk
+from p2p.profile import ProfileConfig, build_profile, profile_hash
+
+
+def test_profile_is_deterministic_bounded_and_summary_first():
+    users = generate_chunk(0, 20, 20, seed=5)
+    cfg = ProfileConfig(top_k=6, max_chars=1200)
+    for u in users:
+        text = build_profile(u.history, cfg)
+        assert text == build_profile(u.history, cfg)
+        assert len(text) <= 1200
+        first = text.splitlines()
+        assert first[0].startswith("History: ") and first[1].startswith("Labels used: ")
+        # the user's own tag for their most frequent genre is in the summary line
+        tags = [h["label"] for h in u.history if h["item_id"].split("-")[-2] == "tag"]
+        top = max(set(tags), key=tags.count)
+        assert top in first[1]
+        assert "Scores given: mean" in text and "Examples:" in text
+
+
+def test_profile_items_are_top_k_and_order_independent():
+    u = generate_chunk(0, 1, 1, seed=2)[0]
+    cfg = ProfileConfig(top_k=5)
+    text = build_profile(u.history, cfg)
+    assert text == build_profile(list(reversed(u.history)), cfg)
+    assert sum(1 for line in text.splitlines() if line.startswith("- ")) == 5
+
+
+def test_profile_of_empty_and_short_history():
+    assert build_profile([]) .startswith("No history")
+    h = [{"item_id": "a", "text": "A heist in Paris.", "label": GENRE_TAGS["crime"][0], "ts": 5}]
+    text = build_profile(h)
+    assert "noir 1" in text and "- A heist in Paris. => noir" in text
+
+
+def test_profile_hash_depends_on_text_and_encoder():
+    assert profile_hash("x", "minilm") != profile_hash("x", "hashing")
+    assert profile_hash("x", "minilm") != profile_hash("y", "minilm")
+    assert profile_hash("x", "minilm") == profile_hash("x", "minilm")
