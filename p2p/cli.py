@@ -128,6 +128,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from p2p.pipeline_local import users_uri
+    from pipelines.ingest import run_profiles
+
+    n = run_profiles(users_uri(args.data), args.out, args.encoder, actors=args.actors)
+    print(f"wrote {n} profiles to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from p2p.config import load_config
+
+    # Validated here, before Ray starts: an unknown field or a wrong type names the field.
+    config = load_config(args.config, workers=args.workers, zero_stage=args.zero_stage, max_steps=args.max_steps)
+    from pipelines.train import run_training
+
+    summary = run_training(config, args.data, args.out)
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; val loss {summary['val_loss']}, "
+          f"best {summary['best_val_loss']}; checkpoints: {summary['latest']} and {summary['best']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2p", description="Profile-to-PEFT: a personal LoRA adapter per user from one forward pass."
@@ -179,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", default=None, help="comma-separated user ids (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("profiles", help="Ray Data: users -> profile text -> embedding -> profiles Parquet")
+    p.add_argument("--data", required=True, help="data directory with users/ (local or s3://)")
+    p.add_argument("--out", required=True, help="profiles output directory")
+    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--actors", type=int, default=1, help="encoder actors (one model each)")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("train", help="Ray Train + DeepSpeed: train the hypernetwork")
+    p.add_argument("--config", required=True, help="YAML training config (see jobs/configs/)")
+    p.add_argument("--data", required=True, help="data directory with users/, examples/ [, profiles/]")
+    p.add_argument("--out", required=True, help="run directory: latest/, best/, summary.json")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--zero-stage", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

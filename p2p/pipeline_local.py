@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from tqdm import tqdm
 
 from p2p.data.schemas import iter_tables
@@ -64,3 +65,48 @@ def generate_folders(hypernet_dir: str, data: str, out: str, users: list[str] | 
     written += flush()
     bar.close()
     return written
+
+
+def build_profiles(data: str, encoder: ProfileEncoder, config: ProfileConfig, batch_size: int = 256):
+    """The `profiles` table for every user, in one process (the Ray job: pipelines/ingest.py)."""
+    import pyarrow as pa
+
+    from p2p.data.schemas import profiles_schema
+    from p2p.profile import profile_hash
+
+    parts = []
+    for _, table in iter_tables(users_uri(data), "users"):
+        ids = table.column("user_id").to_pylist()
+        texts = [build_profile(h, config) for h in table.column("history").to_pylist()]
+        emb = np.concatenate([encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        parts.append(pa.table({
+            "user_id": ids, "profile_text": texts,
+            "profile_hash": [profile_hash(t, encoder.encoder_id) for t in texts],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), encoder.dim),
+            "encoder": [encoder.encoder_id] * len(ids),
+        }, schema=profiles_schema(encoder.dim)))
+    return pa.concat_tables(parts)
+
+
+def examples_with_embeddings(data: str, profiles, splits: tuple[str, ...], tasks: list[str] | None = None,
+                             limit: int | None = None) -> list[dict]:
+    """Examples of `splits` (and `tasks`), each carrying its user's embedding."""
+    from p2p.data.schemas import read_table
+
+    vectors = np.asarray(profiles.column("embedding").combine_chunks().flatten()).reshape(len(profiles), -1)
+    emb = dict(zip(profiles.column("user_id").to_pylist(), vectors, strict=True))
+    ex = read_table(examples_uri(data), "examples")
+    rows = []
+    for r in ex.to_pylist():
+        if r["split"] not in splits or (tasks and r["task"] not in tasks):
+            continue
+        if r["user_id"] not in emb:
+            raise P2PError(f"example {r['example_id']!r}: user {r['user_id']!r} has no profile")
+        rows.append({**r, "embedding": emb[r["user_id"]]})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def examples_uri(data: str) -> str:
+    return os.path.join(data, "examples")

@@ -25,7 +25,7 @@ def test_history_lengths_vary(users_2000):
 
 def test_text_is_varied(users_2000):
     inputs = [e["input"] for u in users_2000[:200] for e in u.examples if e["task"] == "tag"]
-    openings = {" ".join(t.split()[:2]) for t in inputs}
+    openings = {" ".join(t.split("Movie: ")[1].split()[:2]) for t in inputs}
     assert len(set(inputs)) > 0.85 * len(inputs) and len(openings) > 20
 
 

@@ -274,6 +274,15 @@ def styled_headline(persona: Persona, plain: str) -> str:
     return (f"{prefix} {text}" if prefix else text) + HEADLINE_ENDINGS[persona.ending]
 
 
+# The instruction each example's input carries (LaMP's inputs carry theirs too), so a base
+# model and the prompt baseline know what is asked; history items hold the bare text.
+INSTRUCTIONS = {
+    "tag": "Which tag fits this movie? Answer with one of: " + ", ".join(TAGS) + ".\nMovie: {text}",
+    "rate": "Score this review from 1 to 5. Answer with the number only.\nReview: {text}",
+    "headline": "Write a headline for this news text.\nText: {text}",
+}
+
+
 def _noisy(rng: random.Random, p: float) -> bool:
     return rng.random() < p
 
@@ -343,7 +352,8 @@ def generate_chunk(
                         label = rng.choice([t for t in GENRE_TAGS[genre] if t != label])
                     item = {"text": item_description(rng, genre), "label": label, "genre": genre}
                 examples.append({"example_id": f"{user_id}-{task}-e{j}", "user_id": user_id, "task": task,
-                                 "input": item["text"], "target": item["label"], "split": split,
+                                 "input": INSTRUCTIONS[task].format(text=item["text"]), "target": item["label"],
+                                 "split": split,
                                  **{k: item[k] for k in ("genre", "sentiment") if k in item}})
         users.append(SyntheticUser(user_id, split, persona, history, examples))
     return users

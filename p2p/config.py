@@ -1,0 +1,136 @@
+"""Training configuration: one flat dataclass, loaded from YAML and validated before any work.
+
+Every field is documented where it is declared; `jobs/configs/*.yaml` are examples.
+An unknown field or a value of the wrong type is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from p2p.errors import P2PError
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    base: str = "smollm2-135m"  # base LLM: smollm2-135m, tiny-random, HF id or local directory
+    encoder: str = "minilm"  # profile encoder: minilm, hashing (tests), or a sentence-transformers path
+    preset: str = "small"  # hypernetwork sizes: small (CPU) or paper
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (exports stay exact either way)
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # modules that get adapters
+    top_k_layers: int | None = None  # adapters on the top K layers only (None: all layers)
+    cache_prefix: bool = True  # with top K layers: cache the frozen layers' outputs per example
+    profile_top_k: int = 8  # history items quoted in each profile
+    profile_max_chars: int = 2000  # bound on a profile's length
+    # --- data --------------------------------------------------------------------------------
+    tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
+    max_seq_len: int = 256  # prompt + target tokens; longer prompts are cut from the left
+    val_examples: int = 128  # val-split examples used for the val loss (checkpoint selection)
+    # --- optimisation --------------------------------------------------------------------------
+    batch_size: int = 8  # examples per step per worker
+    max_steps: int = 300  # optimizer steps
+    lr: float = 1e-4  # peak learning rate (zero-initialised heads: ~1e-4, see DESIGN section 8)
+    warmup_steps: int = 30  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    l2_adapter: float = 0.0  # penalty on the mean square of generated A and B
+    seed: int = 0  # initialisation and data order
+    # --- schedule and distribution ---------------------------------------------------------------
+    eval_every: int = 50  # steps between val loss, progress line and checkpoint
+    log_every: int = 10  # steps between progress lines without evaluation
+    workers: int = 2  # Ray Train workers
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    use_gpu: bool = False  # one GPU per worker (nccl) instead of CPU (gloo)
+    bf16: bool = False  # DeepSpeed bf16 mixed precision
+    cpus_per_worker: int = 1  # Ray resources per worker
+    max_failures: int = 2  # worker failures Ray Train recovers from (resume from the latest checkpoint)
+
+    def validate(self) -> TrainConfig:
+        def bad(name: str, why: str):
+            raise P2PError(f"config field {name!r}: {why}")
+
+        if self.preset not in ("small", "paper"):
+            bad("preset", f"{self.preset!r} is not small or paper")
+        if not 0 <= self.zero_stage <= 3:
+            bad("zero_stage", f"must be 0..3, got {self.zero_stage}")
+        for name in ("rank", "batch_size", "max_steps", "max_seq_len", "eval_every", "log_every", "workers"):
+            if getattr(self, name) <= 0:
+                bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            bad("lr", f"must be positive, got {self.lr}")
+        if self.top_k_layers is not None and self.top_k_layers <= 0:
+            bad("top_k_layers", f"must be positive or null, got {self.top_k_layers}")
+        if not self.targets:
+            bad("targets", "needs at least one module name")
+        return self
+
+
+def _check_type(name: str, value, hint) -> object:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _check_type(name, value, opt)
+            except P2PError:
+                continue
+        raise P2PError(f"config field {name!r}: {value!r} is not {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise P2PError(f"config field {name!r}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_check_type(name, v, inner) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise P2PError(f"config field {name!r}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise P2PError(f"config field {name!r}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise P2PError(f"config field {name!r}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise P2PError(f"{source}: unknown config field {unknown[0]!r} (valid fields: {', '.join(sorted(names))})")
+    try:
+        values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
+    except P2PError as exc:
+        raise P2PError(f"{source}: {exc}") from None
+    return TrainConfig(**values).validate()
+
+
+def load_config(path: str, **overrides) -> TrainConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise P2PError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise P2PError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise P2PError(f"{path}: expected a mapping of config fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data, path)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,59 @@
+"""Connect to a Ray cluster (RAY_ADDRESS / `ray job submit`) or start a local one."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+import ray
+
+from p2p.errors import P2PError
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster this job was submitted to, or start a local one on this machine.
+
+    The local cluster advertises more logical CPUs than cores (P2P_RAY_CPUS, default 4 x cores,
+    at least 8): training workers each hold a CPU for the whole run, and Ray Data's readers,
+    join and actor pools need slots of their own or they wait forever.
+    """
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "P2P_CACHE")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, logging_level=logging.WARNING)
+    else:
+        default = max(8, 4 * (os.cpu_count() or 2))
+        ray.init(num_cpus=num_cpus or int(os.environ.get("P2P_RAY_CPUS", default)), include_dashboard=False,
+                 logging_level=logging.WARNING, runtime_env=env)
+    ctx = ray.data.DataContext.get_current()
+    # Ray 2.60's datasource V2 spends ~15 s in its ListFiles step per execution on machines
+    # without outside network (measured here: 15 s vs 0.4 s to stream 320 rows); V1 reads the
+    # same Parquet files at once.
+    ctx.use_datasource_v2 = False
+    # Ray Data's bars redraw many lines a second: useful on a terminal, noise in a log.
+    ctx.enable_progress_bars = os.environ.get("P2P_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Re-raise a P2PError thrown inside a Ray task or actor as itself, not wrapped in Ray's trace."""
+    try:
+        yield
+    except P2PError:
+        raise
+    except Exception as exc:
+        cause = exc
+        for _ in range(5):
+            if isinstance(cause, P2PError):
+                raise P2PError(str(cause).splitlines()[0]) from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+            if cause is None:
+                break
+        text = str(exc)
+        if "P2PError" in text or "DataError" in text:  # the message survived only as text
+            line = next(ln for ln in text.splitlines() if "Error: " in ln and ("P2PError" in ln or "DataError" in ln))
+            raise P2PError(line.split("Error: ", 1)[1]) from None
+        raise
