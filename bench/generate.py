@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from bench.report import timed, write
-from p2p.hypernet import PRESETS, Hypernetwork, HypernetConfig
+from p2p.hypernet import PRESETS, HypernetConfig, Hypernetwork
 
 SMOLLM2 = dict(num_layers=30, shapes={"q_proj": [576, 576], "v_proj": [576, 192]},
                module_paths={"q_proj": "model.layers.{layer}.self_attn.q_proj",
@@ -53,7 +53,7 @@ def main() -> None:
             emb = torch.randn(batch, 384)
             with torch.inference_mode():
                 repeat = 3 if batch * params < 5e10 else 1
-                secs = timed(lambda emb=emb: model(emb), repeat=repeat, warmup=1)
+                secs = timed(lambda emb=emb, model=model: model(emb), repeat=repeat, warmup=1)
             gflops = hypernet_flops(model.config, batch) / secs / 1e9
             rows.append({"preset": preset, "params_M": params / 1e6, "batch": batch,
                          "ms_per_batch": secs * 1e3, "adapters_per_s": batch / secs,

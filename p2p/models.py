@@ -34,6 +34,9 @@ TINY_CONFIG = dict(
     max_position_embeddings=1024,
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
+    # Wider than the usual 0.02 so logits are not near-uniform and an adapter can move them:
+    # tests need a model in which a loss can visibly fall.
+    initializer_range=0.1,
 )
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2p.config import TrainConfig
-from p2p.hypernet import Hypernetwork, HypernetConfig, make_config, save_hypernet
+from p2p.hypernet import HypernetConfig, Hypernetwork, make_config, save_hypernet
 from p2p.lora import adapters_applied, wrap_model
 from p2p.models import chat_prompt
 

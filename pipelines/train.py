@@ -155,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             is_eval = step % config.eval_every == 0 or step == config.max_steps
             if is_eval or step % config.log_every == 0:
                 total_loss, total_n, total_seen = all_sum(loss_sum, loss_n, seen)
-                metrics = {"step": step, "loss": total_loss / total_n,
+                metrics = {"step": step, "loss": total_loss / total_n, "resumed_from": start_step,
                            "examples_per_s": total_seen / (time.perf_counter() - t0),
                            "lr": engine.get_lr()[0], "epoch": epoch}
                 loss_sum = loss_n = 0.0
@@ -165,16 +165,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if metrics["val_loss"] is not None and metrics["val_loss"] < best:
                         best = metrics["val_loss"]
                     ckpt = save(step, metrics)
-                if rank == 0:
-                    val = f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else ""
-                    print(f"[p2p train] step {step}/{config.max_steps} loss {metrics['loss']:.4f}{val} "
-                          f"{metrics['examples_per_s']:.1f} ex/s", flush=True)
                 ray.train.report(metrics, checkpoint=ckpt)
                 if ckpt is not None:
                     shutil.rmtree(ckpt.path, ignore_errors=True)
             if step >= config.max_steps:
                 break
         epoch += 1
+
+
+class ProgressLog(ray.train.UserCallback):
+    """On the controller: one progress line per report, and every report in metrics.jsonl."""
+
+    def __init__(self, path: str, max_steps: int):
+        self.path, self.max_steps = path, max_steps
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = metrics[0]
+        val = f" val {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
+        print(f"[p2p train] step {m['step']}/{self.max_steps} loss {m['loss']:.4f}{val} "
+              f"{m['examples_per_s']:.1f} ex/s", flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
 
 
 class _null:
@@ -263,6 +274,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
+            callbacks=[ProgressLog(os.path.join(out, "metrics.jsonl"), config.max_steps)],
         ),
         datasets={"train": train_ds, "val": val_ds},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
