@@ -58,6 +58,11 @@ def main() -> None:
             rows.append({"preset": preset, "params_M": params / 1e6, "batch": batch,
                          "ms_per_batch": secs * 1e3, "adapters_per_s": batch / secs,
                          "GFLOP/s": gflops, "pct_of_matmul": 100 * gflops / peak})
+    peak_after = matmul_gflops()  # measured again: the better of the two is the reference
+    if peak_after > peak:
+        for r in rows:
+            r["pct_of_matmul"] *= peak / peak_after
+        peak = peak_after
     write("generate", rows, {"matmul_2048_GFLOP/s": peak,
                              "goal": ">= 50% of matmul GFLOP/s at batch >= 64"})
 
