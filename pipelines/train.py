@@ -99,10 +99,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             row_index=batch.row_index.to(device),
         )
 
-    val_batches = [
-        to_device(collate(_rows(b), tokenizer, config.max_seq_len))
-        for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=config.batch_size, batch_format="numpy")
-    ]
+    # The first val_examples / world rows of this worker's val shard; the shard is read to its
+    # end (stopping a streaming read early makes Ray Data cancel tasks noisily).
+    val_rows: list[dict] = []
+    for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="numpy"):
+        val_rows.extend(_rows(b)[: max(0, -(-config.val_examples // world) - len(val_rows))])
+    val_batches = [to_device(collate(val_rows[i : i + config.batch_size], tokenizer, config.max_seq_len))
+                   for i in range(0, len(val_rows), config.batch_size)]
 
     def all_sum(*values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -240,7 +243,7 @@ def training_datasets(data: str, profiles: str, config: TrainConfig) -> tuple[ra
         return examples.map_batches(attach_embeddings, batch_format="pyarrow",
                                     fn_kwargs={"profiles": ref, "split": name, "tasks": config.tasks})
 
-    return split("train"), split("val").limit(config.val_examples)
+    return split("train"), split("val")
 
 
 def run_training(config: TrainConfig, data: str, out: str, profiles: str | None = None,
