@@ -11,7 +11,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from p2p.data.schemas import parquet_files, profiles_schema, validate
+from p2p.data.schemas import check_schemas, profiles_schema, validate
 from p2p.encoder import ProfileEncoder
 from p2p.profile import ProfileConfig, build_profile, profile_hash
 from pipelines.ray_setup import ensure_ray, user_errors
@@ -47,7 +47,7 @@ class Embed:
 
 def profiles_dataset(users_uri: str, encoder: str, profile: dict | None = None, actors: int = 1,
                      batch_size: int = 256) -> ray.data.Dataset:
-    parquet_files(users_uri)  # a clear error now for a missing path or an empty folder
+    check_schemas(users_uri, "users")  # a bad file is named now, before Ray unifies schemas
     ds = ray.data.read_parquet(users_uri, include_paths=True)
     ds = ds.map_batches(profile_texts, fn_kwargs={"profile": profile or {}}, batch_format="pyarrow",
                         batch_size=batch_size)

@@ -251,7 +251,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     """Train and write OUT/latest and OUT/best (hypernet checkpoint folders); return a summary."""
     import pyarrow.parquet as pq
 
-    from p2p.data.schemas import parquet_files
+    from p2p.data.schemas import check_schemas, parquet_files
 
     ensure_ray()
     out = os.path.abspath(out)
@@ -265,7 +265,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     encoder = pq.read_table(files[0], filesystem=fs, columns=["encoder"]).column("encoder")[0].as_py()
     if encoder != config.encoder:
         raise P2PError(f"{profiles}: embedded with encoder {encoder!r} but the config says {config.encoder!r}")
-    parquet_files(os.path.join(data, "examples"))
+    check_schemas(os.path.join(data, "examples"), "examples")
     train_ds, val_ds = training_datasets(data, profiles, config)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -228,12 +228,16 @@ def test_ray_job_submit(data, tmp_path):
                     "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1"], env=env, check=True,
                    capture_output=True, timeout=180)
     try:
-        r = subprocess.run(
-            [ray, "job", "submit", "--address", "http://127.0.0.1:8290", "--working-dir", ".", "--",
-             sys.executable, "jobs/train.py", "--config", "jobs/configs/train-tiny.yaml", "--data", data,
-             "--out", str(tmp_path / "run"), "--max-steps", "10"],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start`
+            r = subprocess.run(
+                [ray, "job", "submit", "--address", "http://127.0.0.1:8290", "--working-dir", ".", "--",
+                 sys.executable, "jobs/train.py", "--config", "jobs/configs/train-tiny.yaml", "--data", data,
+                 "--out", str(tmp_path / "run"), "--max-steps", "10"],
+                env=env, capture_output=True, text=True, timeout=900,
+            )
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout
         assert os.path.exists(tmp_path / "run" / "latest" / "model.safetensors")

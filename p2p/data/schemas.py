@@ -196,6 +196,46 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+def check_schemas(uri: str, kind: str) -> list[str]:
+    """Check every file's columns and types from its footer alone (no data read); return the files.
+
+    Distributed readers unify schemas across files before any user code runs, so a bad file
+    must be caught here, by name, before the job starts. Row-level checks (nulls, duplicates)
+    run on each block inside the job.
+    """
+    fs, files = parquet_files(uri)
+    for path in files:
+        name = _display(fs, path)
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
+        expected = expected_schema(kind, schema.empty_table())
+        for field in expected:
+            if field.name in schema.names and not _compatible(schema.field(field.name).type, field.type):
+                raise DataError(
+                    f"{name}: column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}"
+                )
+        validate(schema.empty_table(), kind, name)
+    return files
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    """Same kind of type (widths and nullability may differ): what `validate` can cast."""
+    if got.equals(want):
+        return True
+    families = (pa.types.is_integer, pa.types.is_floating, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t))
+    if any(f(got) and f(want) for f in families):
+        return True
+    if got.id != want.id:
+        return False
+    try:
+        pa.array([], type=got).cast(want)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+
+
 def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
     """Yield (file, validated table) one Parquet file at a time: memory stays bounded."""
     fs, files = parquet_files(uri)
