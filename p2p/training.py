@@ -267,7 +267,7 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
         grad_norm = float(torch.nn.utils.clip_grad_norm_(hypernet.parameters(), config.grad_clip))
         opt.step()
         sched.step()
-        record = {"step": step, "loss": float(loss), "ce": float(ce), "grad_norm": grad_norm}
+        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "grad_norm": grad_norm}
         if step % config.eval_every == 0 or step == config.max_steps:
             hypernet.eval()
             record["val_loss"] = val_loss(lm, hypernet, val_batches, config) if val_batches else None

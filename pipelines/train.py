@@ -11,6 +11,7 @@ the latest checkpoint's step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -127,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def save(step: int, metrics: dict) -> ray.train.Checkpoint | None:
         params = list(hypernet.parameters())
-        gather = deepspeed.zero.GatheredParameters(params) if config.zero_stage == 3 else _null()
+        gather = deepspeed.zero.GatheredParameters(params) if config.zero_stage == 3 else contextlib.nullcontext()
         with gather:  # every rank joins the gather under ZeRO-3; rank 0 writes
             if rank != 0:
                 return None
@@ -154,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.step()
             step += 1
             seen += len(batch.example_ids)
-            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             is_eval = step % config.eval_every == 0 or step == config.max_steps
             if is_eval or step % config.log_every == 0:
                 total_loss, total_n, total_seen = all_sum(loss_sum, loss_n, seen)
@@ -189,14 +190,6 @@ class ProgressLog(ray.train.UserCallback):
               f"{m['examples_per_s']:.1f} ex/s", flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def attach_embeddings(batch: pa.Table, profiles: ray.ObjectRef, split: str, tasks: list[str] | None) -> pa.Table:
