@@ -104,19 +104,15 @@ def cmd_init_hypernet(args: argparse.Namespace) -> int:
         target_modules=tuple(t for t in args.targets.split(",") if t), top_k_layers=args.top_k_layers,
         seed=args.seed,
     )
-    torch_seed(args.seed)
+    import torch
+
+    torch.manual_seed(args.seed)
     hypernet = Hypernetwork(config)
     hid = save_hypernet(hypernet, args.out)
     n = sum(p.numel() for p in hypernet.parameters())
     print(f"hypernet {hid}: {n / 1e6:.1f}M params, {len(config.layers)} layers x {config.target_modules}, "
           f"rank {config.rank} -> {args.out}")
     return 0
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import numpy as np
 import torch
 
@@ -27,14 +24,3 @@ def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapte
         target_modules=c.target_modules, layers=c.layers, num_layers=c.num_layers,
         fan_in_fan_out=c.fan_in_fan_out, metadata={"hypernet_id": hypernet_id},
     )
-
-
-def folder_sha256(folder: str) -> tuple[str, int]:
-    """sha256 and size of an adapter folder's two files, in a fixed order."""
-    h, size = hashlib.sha256(), 0
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read()
-        h.update(name.encode() + b"\0" + data)
-        size += len(data)
-    return h.hexdigest(), size

@@ -145,11 +145,6 @@ def adapters_applied(
 # --- per-user adapters and the PEFT folder -------------------------------------------------------
 
 
-def module_paths(model: nn.Module, target_modules: list[str], layers: list[int]) -> dict[tuple[int, str], str]:
-    """(layer, module) -> full module path, for naming PEFT keys."""
-    return {(t.layer, t.module): t.path for t in find_targets(model, target_modules) if t.layer in layers}
-
-
 def split_users(generated: Generated, layers: list[int], paths: dict[tuple[int, str], str]) -> list[UserAdapter]:
     """The hypernetwork's batched output as one adapter (path -> (A, B)) per user."""
     n_users = next(iter(generated.values()))[0].shape[0]

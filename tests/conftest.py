@@ -23,3 +23,15 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     write_synthetic(str(out), 120, seed=3, chunk_size=50)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module, shut down after it (job-submit tests start their own)."""
+    import ray
+
+    from pipelines.ray_setup import ensure_ray
+
+    ensure_ray(num_cpus=8)
+    yield ray
+    ray.shutdown()

@@ -12,17 +12,6 @@ from p2p.pipeline_local import build_profiles
 from p2p.profile import ProfileConfig
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from pipelines.ray_setup import ensure_ray
-
-    ensure_ray(num_cpus=8)
-    yield ray
-    ray.shutdown()
-
-
 def test_profiles_job_matches_local_build(ray_cluster, synth_dir, tmp_path):
     from pipelines.ingest import run_profiles
 
@@ -45,3 +34,17 @@ def test_profiles_job_names_the_bad_file(ray_cluster, synth_dir, tmp_path):
     pq.write_table(pa.table({"user_id": ["x"], "history": [[]], "updated_at": ["soon"]}), users / "b.parquet")
     with pytest.raises(P2PError, match=r"b\.parquet: column 'updated_at' has type string"):
         run_profiles(str(users), str(tmp_path / "out"), "hashing")
+
+
+def test_row_error_inside_the_job_is_one_clear_line(ray_cluster, synth_dir, tmp_path):
+    """A duplicate user passes the footer check and is caught per block inside a Ray task."""
+    from pipelines.ingest import run_profiles
+
+    users = tmp_path / "users"
+    users.mkdir()
+    good = pq.read_table(f"{synth_dir}/users/part-00000.parquet").slice(0, 3)
+    pq.write_table(pa.concat_tables([good, good.slice(1, 1)]), users / "dup.parquet")
+    with pytest.raises(P2PError) as err:
+        run_profiles(str(users), str(tmp_path / "out"), "hashing")
+    assert "dup.parquet: column 'user_id' has duplicate value" in str(err.value)
+    assert "\n" not in str(err.value)

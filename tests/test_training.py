@@ -40,17 +40,6 @@ def data(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from pipelines.ray_setup import ensure_ray
-
-    ensure_ray(num_cpus=8)
-    yield ray
-    ray.shutdown()
-
-
 def test_unknown_field_and_wrong_type_are_named(tmp_path, capsys):
     with pytest.raises(P2PError, match="unknown config field 'learning_rate'"):
         config_from_dict({"learning_rate": 0.1})

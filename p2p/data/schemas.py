@@ -196,6 +196,14 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+def _read(reader, fs: fsspec.AbstractFileSystem, path: str, name: str):
+    """`pq.read_table` / `pq.read_schema` with a bad file named instead of pyarrow's trace."""
+    try:
+        return reader(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
+
+
 def check_schemas(uri: str, kind: str) -> list[str]:
     """Check every file's columns and types from its footer alone (no data read); return the files.
 
@@ -206,10 +214,7 @@ def check_schemas(uri: str, kind: str) -> list[str]:
     fs, files = parquet_files(uri)
     for path in files:
         name = _display(fs, path)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
+        schema = _read(pq.read_schema, fs, path, name)
         expected = expected_schema(kind, schema.empty_table())
         for field in expected:
             if field.name in schema.names and not _compatible(schema.field(field.name).type, field.type):
@@ -241,11 +246,7 @@ def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
     fs, files = parquet_files(uri)
     for path in files:
         name = _display(fs, path)
-        try:
-            table = pq.read_table(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
-        yield name, validate(table, kind, name)
+        yield name, validate(_read(pq.read_table, fs, path, name), kind, name)
 
 
 def read_table(uri: str, kind: str) -> pa.Table:

@@ -24,7 +24,6 @@ import math
 import multiprocessing
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -379,13 +378,6 @@ def users_table(users: list[SyntheticUser]) -> pa.Table:
 def examples_table(users: list[SyntheticUser]) -> pa.Table:
     rows = [e for u in users for e in u.examples]
     return pa.table({name: [r[name] for r in rows] for name in EXAMPLES.names}, schema=EXAMPLES)
-
-
-def iter_chunks(n_users: int, seed: int, tasks: tuple[str, ...] = TASKS, chunk_size: int = 5000,
-                **kwargs) -> Iterator[list[SyntheticUser]]:
-    """The same users `write_synthetic` writes, with their hidden personas, chunk by chunk."""
-    for chunk in range(math.ceil(n_users / chunk_size)):
-        yield generate_chunk(chunk, chunk_size, n_users, seed, tasks, **kwargs)
 
 
 def _write_chunk(job: tuple) -> tuple[dict[str, int], int]:
