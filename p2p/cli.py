@@ -146,6 +146,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    import json
+
+    from p2p.config import RefreshConfig, load_config
+
+    # Validated before Ray starts.
+    config = load_config(args.config, RefreshConfig, hypernet=args.hypernet, data=args.data, store=args.store,
+                         full=args.full or None, batch_size=args.batch_size, embed_actors=args.embed_actors,
+                         generate_actors=args.generate_actors)
+    from pipelines.refresh import run_refresh, summary_dict
+
+    summary = run_refresh(config)
+    print(json.dumps(summary_dict(summary), indent=1) if args.json else summary.line())
+    for failure in summary.failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    import json
+
+    from p2p.store import AdapterStore
+
+    store = AdapterStore(args.store)
+    if args.action == "stat":
+        print(json.dumps(store.stat(args.hypernet_id), indent=1))
+    elif args.action == "fetch":
+        if not (args.users and args.out):
+            raise P2PError("store fetch needs --users and --out")
+        for uid in args.users.split(","):
+            row = store.fetch_adapter(uid, os.path.join(args.out, uid), args.hypernet_id)
+            print(f"{uid}: {row['adapter_uri']} ({row['bytes']} bytes, sha256 ok)")
+    elif args.action == "delete-users":
+        if not args.users:
+            raise P2PError("store delete-users needs --users")
+        n = store.delete_users(args.users.split(","))
+        print(f"deleted the adapters of {args.users.count(',') + 1} user(s); {n} manifest row(s) removed and committed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2p", description="Profile-to-PEFT: a personal LoRA adapter per user from one forward pass."
@@ -213,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("refresh", help="Ray Data: new/changed users -> adapters in the store, manifest committed last")
+    p.add_argument("--config", default=None, help="YAML refresh config (see jobs/configs/refresh-*.yaml)")
+    p.add_argument("--hypernet", default=None, help="checkpoint folder (published to the store) or stored hypernet id")
+    p.add_argument("--data", default=None, help="data directory with users/ (local or s3://)")
+    p.add_argument("--store", default=None, help="store root: path, file://... or s3://bucket/prefix")
+    p.add_argument("--full", action="store_true", help="regenerate every user")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--embed-actors", type=int, default=None)
+    p.add_argument("--generate-actors", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("store", help="inspect the adapter store, fetch adapters, delete users (privacy)")
+    p.add_argument("action", choices=["stat", "fetch", "delete-users"])
+    p.add_argument("--store", required=True)
+    p.add_argument("--hypernet-id", default=None, help="default: the hypernet committed last")
+    p.add_argument("--users", default=None, help="comma-separated user ids")
+    p.add_argument("--out", default=None, help="fetch: folder that gets one PEFT folder per user")
+    p.set_defaults(func=cmd_store)
     return parser
 
 

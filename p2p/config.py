@@ -1,4 +1,4 @@
-"""Training configuration: one flat dataclass, loaded from YAML and validated before any work.
+"""Job configurations (training, refresh): flat dataclasses, loaded from YAML and validated before any work.
 
 Every field is documented where it is declared; `jobs/configs/*.yaml` are examples.
 An unknown field or a value of the wrong type is an error that names the field.
@@ -105,9 +105,31 @@ def _check_type(name: str, value, hint) -> object:
     return value
 
 
-def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
-    hints = typing.get_type_hints(TrainConfig)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+@dataclass
+class RefreshConfig:
+    """The nightly refresh (`p2p refresh`, jobs/refresh.py)."""
+
+    hypernet: str = ""  # a checkpoint folder (published into the store) or a hypernet id already stored
+    data: str = ""  # data directory with users/ (or a users Parquet path), local or s3://
+    store: str = ""  # adapter store root: a path, file://... or s3://bucket/prefix
+    full: bool = False  # regenerate every user, not only those whose profile or hypernet changed
+    batch_size: int = 64  # users per block through profile, embed and generate
+    embed_actors: int = 1  # encoder actors (one model each; one per GPU on a cluster)
+    generate_actors: int = 1  # hypernet actors, each writing its users' PEFT folders
+
+    def validate(self) -> RefreshConfig:
+        for name in ("hypernet", "data", "store"):
+            if not getattr(self, name):
+                raise P2PError(f"refresh: {name!r} is required (config field or --{name})")
+        for name in ("batch_size", "embed_actors", "generate_actors"):
+            if getattr(self, name) < 1:
+                raise P2PError(f"refresh: {name!r} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+def config_from_dict(data: dict, source: str = "config", cls: type = TrainConfig):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise P2PError(f"{source}: unknown config field {unknown[0]!r} (valid fields: {', '.join(sorted(names))})")
@@ -115,21 +137,24 @@ def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
         values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
     except P2PError as exc:
         raise P2PError(f"{source}: {exc}") from None
-    return TrainConfig(**values).validate()
+    return cls(**values).validate()
 
 
-def load_config(path: str, **overrides) -> TrainConfig:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise P2PError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise P2PError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise P2PError(f"{path}: expected a mapping of config fields")
+def load_config(path: str | None, cls: type = TrainConfig, **overrides):
+    """`cls` from a YAML file (or only `overrides` when `path` is None); overrides win when not None."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise P2PError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise P2PError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise P2PError(f"{path}: expected a mapping of config fields")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(data, path)
+    return config_from_dict(data, path or "command line", cls)
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from p2p.hypernet import Hypernetwork, adapter_paths
-from p2p.lora import UserAdapter, save_peft, split_users
+from p2p.lora import UserAdapter, peft_files, split_users
 
 
 @torch.no_grad()
@@ -17,10 +19,18 @@ def generate_user_adapters(hypernet: Hypernetwork, embeddings: np.ndarray | torc
     return split_users(generated, hypernet.config.layers, adapter_paths(hypernet.config))
 
 
-def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
+def adapter_files(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter) -> dict[str, bytes]:
+    """One user's PEFT folder as {file name: bytes}, tagged with the hypernet that made it."""
     c = hypernet.config
-    save_peft(
-        adapter, folder, base_model_name=c.base_model, rank=c.rank, scale=c.scale,
+    return peft_files(
+        adapter, base_model_name=c.base_model, rank=c.rank, scale=c.scale,
         target_modules=c.target_modules, layers=c.layers, num_layers=c.num_layers,
         fan_in_fan_out=c.fan_in_fan_out, metadata={"hypernet_id": hypernet_id},
     )
+
+
+def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for name, data in adapter_files(hypernet, hypernet_id, adapter).items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 from torch import nn
 
 from p2p.errors import P2PError
@@ -32,6 +32,8 @@ Generated = dict[str, tuple[torch.Tensor, torch.Tensor]]
 UserAdapter = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 _LAYER = re.compile(r"\.(\d+)\.")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -172,13 +174,15 @@ def peft_key(path: str, which: str) -> str:
     return f"base_model.model.{path}.lora_{which}.weight"
 
 
-def save_peft(adapter: UserAdapter, folder: str, base_model_name: str, rank: int, scale: float,
-              target_modules: list[str], layers: list[int] | None = None, num_layers: int | None = None,
-              fan_in_fan_out: bool = False, metadata: dict[str, str] | None = None) -> None:
-    """Write a standard PEFT LoRA folder that reproduces `scale` without rsLoRA."""
+def peft_files(adapter: UserAdapter, base_model_name: str, rank: int, scale: float, target_modules: list[str],
+               layers: list[int] | None = None, num_layers: int | None = None, fan_in_fan_out: bool = False,
+               metadata: dict[str, str] | None = None) -> dict[str, bytes]:
+    """A standard PEFT LoRA folder, in memory: {file name: bytes}. Reproduces `scale` without rsLoRA.
+
+    In memory so the adapter store can put the same bytes on any fsspec filesystem and hash them.
+    """
     from peft import LoraConfig
 
-    os.makedirs(folder, exist_ok=True)
     layers_to_transform = None
     if layers is not None and num_layers is not None and sorted(layers) != list(range(num_layers)):
         layers_to_transform = sorted(layers)
@@ -194,12 +198,28 @@ def save_peft(adapter: UserAdapter, folder: str, base_model_name: str, rank: int
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )
-    config.save_pretrained(folder)
+    config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     tensors = {}
     for path, (a, b) in sorted(adapter.items()):
         tensors[peft_key(path, "A")] = a.detach().to("cpu", torch.float32).contiguous()
         tensors[peft_key(path, "B")] = b.detach().to("cpu", torch.float32).contiguous()
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    return {
+        ADAPTER_CONFIG: json.dumps(config_dict, indent=2, sort_keys=True).encode(),
+        ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt", **(metadata or {})}),
+    }
+
+
+def save_peft(adapter: UserAdapter, folder: str, **kwargs) -> None:
+    """Write a standard PEFT LoRA folder (see `peft_files` for the arguments)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, data in peft_files(adapter, **kwargs).items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+
+
+def adapter_from_files(files: dict[str, bytes]) -> tuple[UserAdapter, dict]:
+    """`peft_files`'s inverse: JSON + safetensors bytes -> (path -> (A, B), adapter_config)."""
+    return adapter_from_tensors(load(files[ADAPTER_WEIGHTS])), json.loads(files[ADAPTER_CONFIG])
 
 
 def load_peft(folder: str) -> tuple[UserAdapter, dict]:

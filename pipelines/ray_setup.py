@@ -40,6 +40,20 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ctx.enable_progress_bars = os.environ.get("P2P_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
 
 
+STORE_ENV = ("AWS_ENDPOINT_URL", "P2P_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def store_remote_args() -> dict:
+    """`ray_remote_args` giving a job's actors the driver's object-store settings (endpoint, credentials).
+
+    Workers of an already running cluster do not see variables the driver set after the cluster
+    started; this carries them per actor pool. Without any set, workers use their own (IAM roles).
+    """
+    env = {k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 @contextlib.contextmanager
 def user_errors():
     """Re-raise a P2PError thrown inside a Ray task or actor as one line, not Ray's wrapped trace."""

@@ -35,3 +35,59 @@ def ray_cluster():
     ensure_ray(num_cpus=8)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 API: moto's server on 127.0.0.1 (s3fs and Ray workers reach it over HTTP).
+
+    Sets dummy credentials and AWS_ENDPOINT_URL for this process and the Ray workers it starts;
+    yields a function that creates a fresh bucket and returns its s3:// URI.
+    """
+    import socket
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+
+    def bucket() -> str:
+        name = f"p2p-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}/store"
+
+    yield bucket
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_hypernet(tmp_path_factory):
+    """A tiny-random / hashing hypernet checkpoint with perturbed weights (adapters differ per user)."""
+    import torch
+
+    from p2p.hypernet import Hypernetwork, make_config, save_hypernet
+    from p2p.models import build_tiny_random
+
+    folder = tmp_path_factory.mktemp("hypernet")
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(make_config(build_tiny_random(0), "tiny-random", "hashing", 384))
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_hypernet(hypernet, str(folder))
+    return str(folder)

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p2p.errors import P2PError
+from p2p.fs import display, filesystem
 
 # Struct children are declared nullable so files written by any tool (pandas, Spark) cast
 # cleanly; `validate` enforces that item_id, text and ts are present, naming the user.
@@ -180,7 +181,7 @@ def _check_splits(table: pa.Table, source: str) -> None:
 
 def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files behind `uri`: a file, a directory, `file://` or `s3://`."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = filesystem(uri)
     if fs.isdir(path):
         files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
         if not files:
@@ -189,11 +190,6 @@ def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     if not fs.exists(path):
         raise DataError(f"{uri}: no such file or directory")
     return fs, [path]
-
-
-def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _read(reader, fs: fsspec.AbstractFileSystem, path: str, name: str):
@@ -213,7 +209,7 @@ def check_schemas(uri: str, kind: str) -> list[str]:
     """
     fs, files = parquet_files(uri)
     for path in files:
-        name = _display(fs, path)
+        name = display(fs, path)
         schema = _read(pq.read_schema, fs, path, name)
         expected = expected_schema(kind, schema.empty_table())
         for field in expected:
@@ -245,7 +241,7 @@ def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
     """Yield (file, validated table) one Parquet file at a time: memory stays bounded."""
     fs, files = parquet_files(uri)
     for path in files:
-        name = _display(fs, path)
+        name = display(fs, path)
         yield name, validate(_read(pq.read_table, fs, path, name), kind, name)
 
 
@@ -265,7 +261,7 @@ def read_table(uri: str, kind: str) -> pa.Table:
 def write_table(table: pa.Table, uri: str, kind: str) -> None:
     """Validate, then write one Parquet file (local path or fsspec URI)."""
     table = validate(table, kind, uri)
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
