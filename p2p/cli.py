@@ -186,6 +186,14 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.serve import run_server
+
+    run_server(args.store, hypernet_id=args.hypernet, base=args.base, host=args.host, port=args.port,
+               unknown_user=args.unknown_user, replicas=args.replicas)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2p", description="Profile-to-PEFT: a personal LoRA adapter per user from one forward pass."
@@ -265,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-actors", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("serve", help="Ray Serve: personalized completions over HTTP, adapters from the store")
+    p.add_argument("--store", required=True, help="store root: path, file://... or s3://bucket/prefix")
+    p.add_argument("--hypernet", default=None, help="hypernet id (default: the one committed last)")
+    p.add_argument("--base", default=None, help="base model (default: the one the hypernet was trained for)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--unknown-user", default="base", choices=["base", "error"],
+                   help="a user without an adapter gets the base model, or 404")
+    p.add_argument("--replicas", type=int, default=1)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("store", help="inspect the adapter store, fetch adapters, delete users (privacy)")
     p.add_argument("action", choices=["stat", "fetch", "delete-users"])

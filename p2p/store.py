@@ -221,14 +221,45 @@ class AdapterStore:
             return None
         return row if digest(files) == row.get("sha256") else None
 
-    def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes], dict]:
-        """One user's PEFT files through the committed manifest, digest checked: (files, manifest row)."""
+    def write_on_demand(self, hypernet_id: str, user_id: str, files: dict[str, bytes], profile_hash: str,
+                        embedding: np.ndarray) -> dict:
+        """Store an adapter made now (a new user at serving time) beside the committed manifest.
+
+        It is found by `read_adapter` until a newer one is committed by a refresh; other replicas
+        and restarts see it too. Returns its row.
+        """
+        [row] = self.write_adapters(hypernet_id, "ondemand-" + new_run_id(), [(user_id, files, profile_hash, embedding)])
+        record = {k: v for k, v in row.items() if k != "embedding"}
+        self._put(self._on_demand_rel(hypernet_id, user_id), json.dumps(record).encode())
+        return record
+
+    def _on_demand_rel(self, hypernet_id: str, user_id: str) -> str:
+        return f"ondemand/{hypernet_id}/{shard_of(user_id)}/{user_key(user_id)}.json"
+
+    def adapter_row(self, user_id: str, hypernet_id: str | None = None) -> dict | None:
+        """The row `read_adapter` would use: the newer of the committed manifest's and an on-demand one."""
         committed = self.current(hypernet_id)
-        if committed is None:
-            raise AdapterNotFound(f"no committed manifest in {self.uri}" + (f" for {hypernet_id}" if hypernet_id else ""))
-        row = self.manifest_rows(committed).get(user_id)
+        hid = hypernet_id or (committed.hypernet_id if committed else None)
+        row = None
+        if committed is not None:
+            row = self.manifest_rows(committed).get(user_id)
+            if row is not None:
+                row = {**row, "source": "manifest", "run_id": committed.run_id}
+        if hid is not None:
+            try:
+                record = json.loads(self._cat(self._on_demand_rel(hid, user_id)))
+            except FileNotFoundError:
+                record = None
+            if record is not None and (row is None or record["created_at"] > row["created_at"]):
+                row = {**record, "source": "on-demand", "run_id": record["adapter_uri"].rsplit("/", 1)[-1]}
+        return row
+
+    def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes], dict]:
+        """One user's PEFT files through the committed manifest (or on-demand record), digest checked."""
+        row = self.adapter_row(user_id, hypernet_id)
         if row is None:
-            raise AdapterNotFound(f"user {user_id!r} has no adapter in run {committed.run_id} of {self.uri}")
+            raise AdapterNotFound(f"user {user_id!r} has no adapter in {self.uri}"
+                                  + (f" for hypernet {hypernet_id}" if hypernet_id else ""))
         try:
             files = {name: self._cat(f"{row['adapter_uri']}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
         except FileNotFoundError as exc:
@@ -348,6 +379,7 @@ class AdapterStore:
                 prefix = self.path(self.adapter_prefix(hid, uid))
                 if self.fs.exists(prefix):
                     self.fs.rm(prefix, recursive=True)
+                self._rm(self._on_demand_rel(hid, uid))
         removed = 0
         for hid in self.hypernet_ids():
             committed = self.current(hid)

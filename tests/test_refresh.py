@@ -41,6 +41,11 @@ def _refresh(hypernet, data, store, **kw):
     return run_refresh(RefreshConfig(hypernet=hypernet, data=data, store=store, batch_size=32, **kw))
 
 
+def _adapter_uris(store):
+    manifest = store.manifest(store.current(), ["user_id", "adapter_uri"])
+    return dict(zip(manifest.column("user_id").to_pylist(), manifest.column("adapter_uri").to_pylist(), strict=True))
+
+
 def _change_histories(data, out, users):
     """A copy of `data` where `users` got one more history item."""
     table = read_table(f"{data}/users", "users")
@@ -63,10 +68,11 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
     committed = store.current()
     assert committed.users == N_USERS and committed.run_id == first.run_id
 
-    # Every adapter equals `p2p generate`'s for that user (float rounding aside: other batch shapes).
-    generate_folders(tiny_hypernet, data300, str(tmp_path / "gen"))
     users = read_table(f"{data300}/users", "users").column("user_id").to_pylist()
-    for uid in users:
+    # Every adapter equals `p2p generate`'s for that user (float rounding aside: other batch shapes);
+    # over S3 a sample, since the file store has checked every user through the same code.
+    generate_folders(tiny_hypernet, data300, str(tmp_path / "gen"), users=users if kind == "file" else users[:10])
+    for uid in users if kind == "file" else users[:10]:
         got, _ = adapter_from_files(store.read_adapter(uid)[0])
         want, _ = load_peft(str(tmp_path / "gen" / user_key(uid)))
         assert got.keys() == want.keys()
@@ -78,12 +84,12 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
         PeftModel.from_pretrained(build_tiny_random(0), str(tmp_path / "peft" / uid))
 
     changed = set(users[10:30])
-    before = {u: store.read_adapter(u)[1]["adapter_uri"] for u in users}
+    before = _adapter_uris(store)
     second_data = _change_histories(data300, str(tmp_path / "changed"), changed)
     second = _refresh(tiny_hypernet, second_data, uri)
     assert (second.changed, second.written, second.unchanged, second.committed) == (20, 20, N_USERS - 20, True)
     store = AdapterStore(uri)
-    after = {u: store.read_adapter(u)[1]["adapter_uri"] for u in users}
+    after = _adapter_uris(store)
     assert {u for u in users if after[u] != before[u]} == changed
 
     third = _refresh(tiny_hypernet, second_data, uri)
