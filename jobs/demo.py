@@ -1,31 +1,154 @@
-"""`make demo`: the main job end to end on the embedded defaults.
+"""`make demo`: the whole product end to end on this machine, on the embedded defaults.
 
-Today: print `p2p info` and answer one prompt with the embedded base model (SmolLM2-135M).
+    synth users -> p2p profiles (Ray Data) -> p2p train (Ray Train + DeepSpeed ZeRO-2, 2 workers)
+    -> p2p refresh into a file:// store (Ray Data) -> p2p serve (Ray Serve, HTTP)
+    -> two held-out users' answers next to the base model's -> p2p eval (base, prompt, oppu, p2p)
+
+One local Ray cluster runs every step; it is shut down at the end, on errors and on Ctrl-C.
+Outputs stay in P2P_DEMO_DIR (default ./demo-output). Sizes: P2P_DEMO_USERS (300),
+P2P_DEMO_STEPS (the training steps of jobs/configs/train-demo.yaml), P2P_DEMO_EVAL_USERS (12 per split).
+Each step prints the `p2p` command that does the same on its own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from p2p.cli import main  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+START = time.perf_counter()
 
 
-def step(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+def step(title: str, command: str) -> None:
+    print(f"\n=== [{time.perf_counter() - START:5.0f}s] {title} ===\n    $ {command}", flush=True)
 
 
-def run() -> int:
-    step("p2p info")
-    if main(["info"]) != 0:
-        return 1
-    step("base model answers one prompt (SmolLM2-135M, greedy)")
-    prompt = "What is the capital of France?"
-    print(f"prompt: {prompt}")
-    return main(["complete", "--prompt", prompt, "--max-tokens", "24"])
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def held_out_tag_examples(data: str, n: int) -> list[dict]:
+    from p2p.data.schemas import read_table
+
+    examples = read_table(os.path.join(data, "examples"), "examples").to_pylist()
+    picked, users = [], set()
+    for e in examples:
+        if e["split"] == "test_id" and e["task"] == "tag" and e["user_id"] not in users:
+            picked.append(e)
+            users.add(e["user_id"])
+        if len(picked) == n:
+            break
+    return picked
+
+
+def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = False) -> int:
+    import requests
+
+    from p2p.baselines import OPPUConfig
+    from p2p.config import RefreshConfig, load_config
+    from p2p.data.synthetic import write_synthetic
+    from p2p.evaluate import EvalConfig, report_markdown, run_eval
+
+    shutil.rmtree(out, ignore_errors=True)
+    data, run_dir, store = f"{out}/data", f"{out}/run", f"file://{out}/store"
+    config_path = os.path.join(HERE, "configs", "train-tiny.yaml" if tiny else "train-demo.yaml")
+
+    step(f"synthetic users ({users}, three tasks; hidden personas)", f"p2p synth --out {data} --users {users} --seed 0")
+    counts = write_synthetic(data, users, seed=0, chunk_size=max(50, users // 2), workers=2)
+    print(f"    {counts}")
+
+    encoder = "hashing" if tiny else "minilm"
+    step("profiles: history -> profile text -> MiniLM embedding (Ray Data)",
+         f"p2p profiles --data {data} --out {data}/profiles")
+    from pipelines.ingest import run_profiles
+    from pipelines.ray_setup import ensure_ray
+
+    ensure_ray()
+    print(f"    {run_profiles(os.path.join(data, 'users'), f'{data}/profiles', encoder)} profiles")
+
+    step("train the hypernetwork (Ray Train + DeepSpeed ZeRO-2, 2 workers)",
+         f"p2p train --config {os.path.relpath(config_path)} --data {data} --out {run_dir}")
+    from pipelines.train import run_training
+
+    config = load_config(config_path, max_steps=steps)
+    summary = run_training(config, data, run_dir, profiles=f"{data}/profiles")
+    print(f"    {summary['steps']} steps in {summary['seconds']:.0f}s; val loss {summary['val_loss']:.3f} "
+          f"(best {summary['best_val_loss']:.3f})")
+
+    step("refresh: every user's adapter into the store, manifest committed last (Ray Data)",
+         f"p2p refresh --hypernet {run_dir}/best --data {data} --store {store}")
+    from pipelines.refresh import run_refresh
+
+    refreshed = run_refresh(RefreshConfig(hypernet=f"{run_dir}/best", data=data, store=store))
+    print(f"    {refreshed.line()}")
+
+    port = free_port()
+    step("serve: Ray Serve on 127.0.0.1, adapters from the store", f"p2p serve --store {store} --port {port}")
+    from pipelines.serve import start
+
+    url = start(store, port=port)
+    requests.get(f"{url}/healthz", timeout=300).raise_for_status()
+    print(f"    {url} is up")
+    print("\n    Two held-out users (never seen in training), the same kind of question:")
+    for e in held_out_tag_examples(data, 2):
+        question = e["input"].split("\n")[-1]
+        answers = {}
+        for who in (e["user_id"], None):
+            body = {"messages": [{"role": "user", "content": e["input"]}], "max_tokens": 8}
+            if who:
+                body["user"] = who
+            answers[who] = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+        p = answers[e["user_id"]]
+        print(f"\n    user {e['user_id']}  {question}")
+        print(f"      their own tag:        {e['target']}")
+        print(f"      base model:           {answers[None]['text']!r}")
+        print(f"      personalized (p2p):   {p['text']!r}   (adapter from run {p['adapter']['run_id']})")
+    from ray import serve
+
+    serve.shutdown()
+
+    step("eval on held-out users: base vs profile-in-prompt vs OPPU vs p2p",
+         f"p2p eval --run {run_dir} --data {data} --out {out}/report --users-per-split {eval_users} --oppu-users 1")
+    results = run_eval(EvalConfig(run=run_dir, data=data, out=f"{out}/report", users_per_split=eval_users,
+                                  oppu_users=1, oppu=OPPUConfig(epochs=1, max_items=32)),
+                       progress=lambda line: print(f"    {line}", flush=True))
+    print()
+    print(report_markdown(results))
+    print(f"report: {out}/report/report.md (+ report.json and plots); total {time.perf_counter() - START:.0f}s")
+    return 0
+
+
+def main() -> int:
+    out = os.path.abspath(os.environ.get("P2P_DEMO_DIR", "demo-output"))
+    steps = os.environ.get("P2P_DEMO_STEPS")
+    tiny = os.environ.get("P2P_DEMO_TINY") == "1"  # tests: tiny-random model and hashing encoder
+    try:
+        return run(out, int(os.environ.get("P2P_DEMO_USERS", "300")), int(steps) if steps else None,
+                   int(os.environ.get("P2P_DEMO_EVAL_USERS", "12")), tiny)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; stopping Ray", file=sys.stderr)
+        return 130
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            ray.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

@@ -190,7 +190,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.serve import run_server
 
     run_server(args.store, hypernet_id=args.hypernet, base=args.base, host=args.host, port=args.port,
-               unknown_user=args.unknown_user, replicas=args.replicas)
+               unknown_user=args.unknown_user, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from p2p.baselines import OPPUConfig
+    from p2p.evaluate import EvalConfig, report_markdown, run_eval
+
+    config = EvalConfig(
+        run=args.run, data=args.data, out=args.out, splits=tuple(args.split.split(",")),
+        methods=tuple(args.methods.split(",")), tasks=tuple(args.tasks.split(",")) if args.tasks else None,
+        users_per_split=args.users_per_split, oppu_users=args.oppu_users,
+        oppu=OPPUConfig(epochs=args.oppu_epochs, max_items=args.oppu_max_items), seed=args.seed,
+    )
+    results = run_eval(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report_markdown(results))
+    print(f"report: {os.path.join(args.out, 'report.md')} (+ report.json, quality.png, by_history.png, cost.png)")
     return 0
 
 
@@ -283,7 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown-user", default="base", choices=["base", "error"],
                    help="a user without an adapter gets the base model, or 404")
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs (torch threads) per replica")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="P2P vs base, profile-in-prompt and OPPU on held-out users: report + plots")
+    p.add_argument("--run", required=True, help="training run directory (uses best/) or a hypernet checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--split", default="test_id,test_ood", help="held-out splits to score")
+    p.add_argument("--methods", default="base,prompt,oppu,p2p")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    p.add_argument("--users-per-split", type=int, default=None, help="sample this many users per split")
+    p.add_argument("--oppu-users", type=int, default=4, help="users per split OPPU trains a LoRA for")
+    p.add_argument("--oppu-epochs", type=int, default=2)
+    p.add_argument("--oppu-max-items", type=int, default=96, help="history items per user OPPU trains on")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("store", help="inspect the adapter store, fetch adapters, delete users (privacy)")
     p.add_argument("action", choices=["stat", "fetch", "delete-users"])

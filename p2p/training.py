@@ -145,10 +145,17 @@ def target_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, 
 
     The LM head runs only at positions that predict a target token: with a 49k vocabulary,
     projecting every prompt position would cost more than the adapted layers themselves.
+    Tokens are averaged within each example, then examples are averaged: a 12-token headline
+    and a one-token tag weigh the same, so short-answer tasks are not drowned out.
     """
     keep = labels[:, 1:] != IGNORE
     logits = lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, labels[:, 1:][keep], label_smoothing=label_smoothing)
+    per_token = F.cross_entropy(logits, labels[:, 1:][keep], label_smoothing=label_smoothing, reduction="none")
+    row = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+    counts = keep.sum(1).clamp(min=1).to(per_token.dtype)
+    per_example = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, row, per_token)
+    has_target = keep.any(1)
+    return (per_example[has_target] / counts[has_target]).mean()
 
 
 class AdapterLM:

@@ -104,7 +104,7 @@ class Job:
 class P2PServer:
     def __init__(self, store: str, hypernet_id: str | None = None, base: str | None = None,
                  unknown_user: str = "base", recheck_s: float = 5.0, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.02, api_key: str | None = None):
+                 batch_wait_s: float = 0.05, api_key: str | None = None):
         self.store = AdapterStore(store)
         self.hypernet_id = hypernet_id or self._default_hypernet()
         self.hypernet, _ = self.store.load_hypernet(self.hypernet_id)
@@ -311,12 +311,12 @@ async def _oom(request: Request, exc: Exception) -> JSONResponse:
 
 
 def build_app(store: str, hypernet_id: str | None = None, base: str | None = None, unknown_user: str = "base",
-              replicas: int = 1, recheck_s: float = 5.0, max_batch_size: int = 16, batch_wait_s: float = 0.02,
-              api_key: str | None = None):
+              replicas: int = 1, recheck_s: float = 5.0, max_batch_size: int = 16, batch_wait_s: float = 0.05,
+              api_key: str | None = None, cpus_per_replica: float = 1):
     """The bound application: `serve.run(build_app(...))`. Replicas get the driver's store settings."""
     from pipelines.ray_setup import store_remote_args
 
-    options = store_remote_args()
+    options = {**store_remote_args(), "num_cpus": cpus_per_replica}  # torch uses this many threads
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "P2P_CACHE") if os.environ.get(k)}
     if env:
         options.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
