@@ -6,7 +6,8 @@
 
 One local Ray cluster runs every step; it is shut down at the end, on errors and on Ctrl-C.
 Outputs stay in P2P_DEMO_DIR (default ./demo-output). Sizes: P2P_DEMO_USERS (300),
-P2P_DEMO_STEPS (the training steps of jobs/configs/train-demo.yaml), P2P_DEMO_EVAL_USERS (12 per split).
+P2P_DEMO_STEPS (the training steps of jobs/configs/train-demo.yaml), P2P_DEMO_EVAL_USERS (8 per split;
+the demo scores the tag task only, to stay within its time budget: `p2p eval` without --tasks scores all).
 Each step prints the `p2p` command that does the same on its own.
 """
 
@@ -117,8 +118,9 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
     serve.shutdown()
 
     step("eval on held-out users: base vs profile-in-prompt vs OPPU vs p2p",
-         f"p2p eval --run {run_dir} --data {data} --out {out}/report --users-per-split {eval_users} --oppu-users 1")
-    results = run_eval(EvalConfig(run=run_dir, data=data, out=f"{out}/report", users_per_split=eval_users,
+         f"p2p eval --run {run_dir} --data {data} --out {out}/report --tasks tag --users-per-split {eval_users} "
+         "--oppu-users 1 --oppu-epochs 1 --oppu-max-items 32")
+    results = run_eval(EvalConfig(run=run_dir, data=data, out=f"{out}/report", users_per_split=eval_users, tasks=("tag",),
                                   oppu_users=1, oppu=OPPUConfig(epochs=1, max_items=32)),
                        progress=lambda line: print(f"    {line}", flush=True))
     print()
@@ -133,7 +135,7 @@ def main() -> int:
     tiny = os.environ.get("P2P_DEMO_TINY") == "1"  # tests: tiny-random model and hashing encoder
     try:
         return run(out, int(os.environ.get("P2P_DEMO_USERS", "300")), int(steps) if steps else None,
-                   int(os.environ.get("P2P_DEMO_EVAL_USERS", "12")), tiny)
+                   int(os.environ.get("P2P_DEMO_EVAL_USERS", "8")), tiny)
     except KeyboardInterrupt:
         print("\ndemo: interrupted; stopping Ray", file=sys.stderr)
         return 130

@@ -80,7 +80,10 @@ def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], te
 
 
 def _forward(model, ids, mask, positions, cache):
-    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    # Only the last position's logits are needed: projecting every prompt position onto the
+    # vocabulary would cost ~20% of a SmolLM2 prefill for nothing.
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
     return result.logits, result.past_key_values
 
 

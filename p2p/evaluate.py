@@ -69,6 +69,9 @@ def select(config: EvalConfig) -> tuple[dict[str, dict], list[dict]]:
     return users, examples
 
 
+_BUCKET_ORDER = {name: i for i, (_, _, name) in enumerate(BUCKETS)}
+
+
 def _bucket(n: int) -> str:
     return next(name for low, high, name in BUCKETS if low <= n <= high)
 
@@ -129,7 +132,8 @@ def run_eval(config: EvalConfig, progress=print) -> dict:
         by_bucket = scores_by(subset, preds, lambda e: (e["task"], _bucket(history_len[e["user_id"]])))
         results["methods"][name] = {
             "scores": {f"{task}/{split}": v for (task, split), v in sorted(by_task_split.items())},
-            "by_history": {f"{task}/{bucket}": v for (task, bucket), v in sorted(by_bucket.items())},
+            "by_history": {f"{task}/{bucket}": v for (task, bucket), v in
+                           sorted(by_bucket.items(), key=lambda kv: (kv[0][0], _BUCKET_ORDER[kv[0][1]]))},
             "cost": asdict(method.cost),
             "samples": [{"example_id": e["example_id"], "user_id": e["user_id"], "target": e["target"], "prediction": p}
                         for e, p in list(zip(subset, preds, strict=True))[:5]],
@@ -151,6 +155,15 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _ordered_keys(results: dict, section: str) -> list[str]:
+    """Keys in the order the methods list them (tasks, then splits or history buckets in order)."""
+    keys: dict[str, None] = {}
+    for m in results["methods"].values():
+        keys.update(dict.fromkeys(m[section]))
+    order = {name: i for i, name in enumerate(keys)}
+    return sorted(keys, key=lambda k: (k.split("/")[0], _BUCKET_ORDER.get(k.split("/")[1], order[k])))
+
+
 def report_markdown(results: dict) -> str:
     methods = list(results["methods"])
     keys = sorted({k for m in results["methods"].values() for k in m["scores"]})
@@ -169,7 +182,7 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {key} | {metric} ({better} is better) | " + " | ".join(cells) + " |")
     lines += ["", "## By history length (activity level), all held-out splits pooled", "",
               "| task / history | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for key in sorted({k for m in results["methods"].values() for k in m["by_history"]}):
+    for key in _ordered_keys(results, "by_history"):
         metric, _ = PRIMARY[task_kind(key.split("/")[0])]
         cells = []
         for m in methods:
@@ -207,7 +220,7 @@ def plot(results: dict, out: str) -> None:
 
     methods = list(results["methods"])
     for fname, section in (("quality.png", "scores"), ("by_history.png", "by_history")):
-        keys = sorted({k for m in results["methods"].values() for k in m[section]})
+        keys = _ordered_keys(results, section)
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
         width = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):

@@ -26,7 +26,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from p2p.config import RefreshConfig
-from p2p.data.schemas import check_schemas
+from p2p.data.schemas import check_schemas, parquet_files
 from p2p.encoder import ProfileEncoder
 from p2p.errors import P2PError
 from p2p.fs import filesystem
@@ -187,10 +187,7 @@ class GenerateAndWrite:
 
 
 def _count_rows(uri: str) -> int:
-    fs, _ = filesystem(uri)
-    from p2p.data.schemas import parquet_files
-
-    _, files = parquet_files(uri)
+    fs, files = parquet_files(uri)
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
