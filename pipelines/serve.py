@@ -1,7 +1,5 @@
 """`p2p serve`: a Ray Serve app that answers each user with that user's adapter.
 
-No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime.
-
 One base model per replica, wrapped once with batched per-row LoRA. A user's adapter is a few
 small tensors, loaded from the store through `@serve.multiplexed` (an LRU per replica, keyed by
 user id) and checked against the committed manifest on use, so a nightly refresh is picked up
@@ -12,8 +10,9 @@ loop where row i uses adapter i. A user the store lacks gets the base model (or 
 Ray Serve splits a batch by multiplexed model id, so requests that name the user only in the
 `serve_multiplexed_model_id` header are batched per user; name it in the body (`user`) to batch
 users together.
-"""
 
+No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime.
+"""
 
 import asyncio
 import logging
