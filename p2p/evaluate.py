@@ -164,6 +164,16 @@ def _ordered_keys(results: dict, section: str) -> list[str]:
     return sorted(keys, key=lambda k: (k.split("/")[0], _BUCKET_ORDER.get(k.split("/")[1], order[k])))
 
 
+def _cells(results: dict, section: str, key: str) -> list[str]:
+    """One table row's cells: each method's primary metric for `key`, with the n it stands on."""
+    metric, _ = PRIMARY[task_kind(key.split("/")[0])]
+    cells = []
+    for m in results["methods"].values():
+        s = m[section].get(key)
+        cells.append("-" if s is None else f"{s[metric]:.3f} (n={s['users']}/{s['examples']})")
+    return cells
+
+
 def report_markdown(results: dict) -> str:
     methods = list(results["methods"])
     keys = sorted({k for m in results["methods"].values() for k in m["scores"]})
@@ -175,20 +185,11 @@ def report_markdown(results: dict) -> str:
     for key in keys:
         task = key.split("/")[0]
         metric, better = PRIMARY[task_kind(task)]
-        cells = []
-        for m in methods:
-            s = results["methods"][m]["scores"].get(key)
-            cells.append("-" if s is None else f"{s[metric]:.3f} (n={s['users']}/{s['examples']})")
-        lines.append(f"| {key} | {metric} ({better} is better) | " + " | ".join(cells) + " |")
+        lines.append(f"| {key} | {metric} ({better} is better) | " + " | ".join(_cells(results, "scores", key)) + " |")
     lines += ["", "## By history length (activity level), all held-out splits pooled", "",
               "| task / history | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for key in _ordered_keys(results, "by_history"):
-        metric, _ = PRIMARY[task_kind(key.split("/")[0])]
-        cells = []
-        for m in methods:
-            s = results["methods"][m]["by_history"].get(key)
-            cells.append("-" if s is None else f"{s[metric]:.3f} (n={s['users']}/{s['examples']})")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key} | " + " | ".join(_cells(results, "by_history", key)) + " |")
     lines += ["", "## Deployment cost per user", "",
               "| method | seconds to personalize one user | bytes stored per user | seconds per answer | users |",
               "|---|---|---|---|---|"]

@@ -285,6 +285,9 @@ class AdapterStore:
         if not rows:
             return None
         table = validate(pa.Table.from_pylist(rows, schema=manifest_schema(dim)), "manifest", "manifest part")
+        return self._put_part(hypernet_id, run_id, table)
+
+    def _put_part(self, hypernet_id: str, run_id: str, table: pa.Table) -> str:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         rel = f"manifests/{hypernet_id}/{run_id}.parquet/part-{uuid.uuid4().hex}.parquet"
@@ -392,10 +395,7 @@ class AdapterStore:
             if len(kept) == len(table):
                 continue
             run_id = new_run_id()
-            buf = io.BytesIO()
-            pq.write_table(kept, buf)
-            rel = f"manifests/{hid}/{run_id}.parquet/part-{uuid.uuid4().hex}.parquet"
-            self._put(rel, buf.getvalue())
+            rel = self._put_part(hid, run_id, kept)
             latest = self._json("manifests/CURRENT")
             self.commit(hid, run_id, [rel], len(kept))
             if latest and latest["hypernet_id"] != hid:  # keep the default hypernet as it was

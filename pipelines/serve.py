@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -44,12 +44,17 @@ CACHE_SIZE = int(os.environ.get("P2P_ADAPTER_CACHE", "256"))
 app = FastAPI(title="p2p", description="Personalized completions: one LoRA adapter per user, made by a hypernetwork.")
 
 
-class CompletionRequest(BaseModel):
-    prompt: str
+class Sampling(BaseModel):
+    """What both completion endpoints take besides the prompt."""
+
     max_tokens: int = Field(32, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     user: str | None = None
     seed: int = 0
+
+
+class CompletionRequest(Sampling):
+    prompt: str
 
 
 class Message(BaseModel):
@@ -57,12 +62,8 @@ class Message(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int = Field(32, ge=1, le=2048)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    user: str | None = None
-    seed: int = 0
 
 
 class HistoryItem(BaseModel):
@@ -95,7 +96,6 @@ class Job:
     temperature: float
     seed: int
     adapter: dict | None
-    result: dict = field(default_factory=dict)
 
 
 @serve.deployment(max_ongoing_requests=64)

@@ -1,0 +1,47 @@
+"""Does P2P read the user's tag choice, or only the genre? (the diagnosis in docs/quality.md)
+
+    python -m bench.tag_collapse --run /tmp/q/run --data /tmp/q/data [--users-per-split 15]
+
+On held-out tag questions: the share of answers that are exactly the user's tag, the share that
+name a tag of the right genre (the input alone gives that), and the most frequent answers. A
+model that ignores the user scores ~100% right genre and collapses to one tag per genre.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+
+from p2p.baselines import P2P, Answerer
+from p2p.data.synthetic import GENRE_TAGS
+from p2p.encoder import ProfileEncoder
+from p2p.evaluate import EvalConfig, checkpoint_dir, select
+from p2p.hypernet import load_hypernet
+from p2p.metrics import normalize_label
+from p2p.models import load_base_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--users-per-split", type=int, default=15)
+    args = parser.parse_args()
+    genre_of = {t: g for g, tags in GENRE_TAGS.items() for t in tags}
+    users, examples = select(EvalConfig(run=args.run, data=args.data, out="", tasks=("tag",),
+                                        users_per_split=args.users_per_split))
+    hypernet, hid = load_hypernet(checkpoint_dir(args.run))
+    model, tok = load_base_model(hypernet.config.base_model)
+    method = P2P("p2p", Answerer(copy.deepcopy(model), tok, hypernet), hypernet, hid,
+                 ProfileEncoder(hypernet.config.encoder))
+    preds = [normalize_label(p) for p in method.predict(users, examples)]
+    n = len(examples)
+    exact = sum(p == e["target"] for p, e in zip(preds, examples, strict=True)) / n
+    genre = sum(genre_of.get(p) == genre_of[e["target"]] for p, e in zip(preds, examples, strict=True)) / n
+    print(f"{n} questions from {len(users)} held-out users: exact {exact:.3f}, right genre {genre:.3f}")
+    print("most frequent answers:", collections.Counter(preds).most_common(8))
+
+
+if __name__ == "__main__":
+    main()
