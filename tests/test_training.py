@@ -83,12 +83,14 @@ def test_prefix_cache_gives_the_same_losses(tiny, data):
 
 
 def test_local_loop_learns_and_keeps_best(tiny, data, tmp_path):
+    # Overfit one fixed batch: a systematic fall the tiny model reaches on any CPU (it settles near
+    # 0.63 x the start at learning rates from 2e-4 to 5e-4), not a thin margin on a noisy curve.
     train, val = local_rows(data)
-    cfg = TrainConfig(**TINY, max_steps=60, eval_every=20)
-    out = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train, val, 384, run_dir=str(tmp_path),
+    cfg = TrainConfig(**{**TINY, "lr": 3e-4}, max_steps=60, eval_every=20)
+    out = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:8], val, 384, run_dir=str(tmp_path),
                       log=lambda s: None)
     losses = [r["loss"] for r in out["history"]]
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.1
+    assert sum(losses[-10:]) / 10 < 0.75 * losses[0]
     best, _ = load_hypernet(str(tmp_path / "best"))
     vals = [r["val_loss"] for r in out["history"] if "val_loss" in r]
     assert best.config.extra["val_loss"] == min(vals)
@@ -105,12 +107,28 @@ def train(config: dict, data, out):
     return run_training(config_from_dict({**TINY, **config}), data, str(out), log=lambda s: None)
 
 
+def few_train_users(data: str, out, n_users: int) -> str:
+    """DATA with only the first `n_users` train users' examples (val kept): a set small enough to overfit."""
+    ex = read_table(f"{data}/examples", "examples")
+    train_users = sorted(set(ex.filter(pa.compute.equal(ex["split"], "train"))["user_id"].to_pylist()))[:n_users]
+    keep = pa.compute.or_(pa.compute.is_in(ex["user_id"], value_set=pa.array(train_users)),
+                          pa.compute.equal(ex["split"], "val"))
+    (out / "examples").mkdir(parents=True)
+    for sub in ("users", "profiles"):
+        os.symlink(f"{data}/{sub}", out / sub)
+    pq.write_table(ex.filter(keep), out / "examples" / "part-0.parquet")
+    return str(out)
+
+
 @pytest.mark.slow
 def test_ray_zero2_two_workers_learns_and_checkpoint_generates(ray_cluster, data, tmp_path):
-    summary = train({"workers": 2, "zero_stage": 2, "max_steps": 40, "eval_every": 20}, data, tmp_path / "run")
+    # 16 fixed examples, 2 steps an epoch per worker: the loss falls by a wide margin on any CPU.
+    small = few_train_users(data, tmp_path / "data", 4)
+    summary = train({"workers": 2, "zero_stage": 2, "max_steps": 40, "eval_every": 20, "batch_size": 4,
+                     "lr": 3e-4}, small, tmp_path / "run")
     m = metrics(tmp_path / "run")
     assert [r["step"] for r in m] == list(range(5, 41, 5))
-    assert m[-1]["loss"] < m[0]["loss"] - 0.05
+    assert m[-1]["loss"] < 0.85 * m[0]["loss"]
     assert summary["steps"] == 40 and os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
     hypernet, hid = load_hypernet(str(tmp_path / "run" / "latest"))
     assert hypernet.config.extra["step"] == 40
@@ -139,21 +157,13 @@ def test_ray_zero3_smoke(ray_cluster, data, tmp_path):
 @pytest.mark.slow
 def test_ray_zero0_single_worker_first_loss_equals_local(ray_cluster, tiny, data, tmp_path):
     # Exactly one batch of train examples, so both loops see the same first batch.
-    ex = read_table(f"{data}/examples", "examples")
-    train_users = sorted(set(ex.filter(pa.compute.equal(ex["split"], "train"))["user_id"].to_pylist()))[:2]
-    keep = pa.compute.or_(pa.compute.is_in(ex["user_id"], value_set=pa.array(train_users)),
-                          pa.compute.equal(ex["split"], "val"))
-    small = tmp_path / "data"
-    (small / "examples").mkdir(parents=True)
-    for sub in ("users", "profiles"):
-        os.symlink(f"{data}/{sub}", small / sub)
-    pq.write_table(ex.filter(keep), small / "examples" / "part-0.parquet")
-    train_rows, val_rows = local_rows(str(small))
+    small = few_train_users(data, tmp_path / "data", 2)
+    train_rows, val_rows = local_rows(small)
     assert len(train_rows) == 8
     cfg = {"workers": 1, "zero_stage": 0, "max_steps": 1, "eval_every": 1, "log_every": 1}
     local = train_local(config_from_dict({**TINY, **cfg}), copy.deepcopy(tiny[0]), tiny[1], train_rows, val_rows,
                         384, log=lambda s: None)
-    train(cfg, str(small), tmp_path / "run")
+    train(cfg, small, tmp_path / "run")
     ray_loss = metrics(tmp_path / "run")[0]["loss"]
     assert ray_loss == pytest.approx(local["history"][0]["loss"], rel=1e-6, abs=1e-6)
 
