@@ -13,6 +13,7 @@ import argparse
 import collections
 import copy
 
+from p2p.adapted_model import AdaptedModel
 from p2p.baselines import P2P, Answerer
 from p2p.data.synthetic import GENRE_TAGS
 from p2p.encoder import ProfileEncoder
@@ -33,7 +34,7 @@ def main() -> None:
                                         users_per_split=args.users_per_split))
     hypernet, hid = load_hypernet(checkpoint_dir(args.run))
     model, tok = load_base_model(hypernet.config.base_model)
-    method = P2P("p2p", Answerer(copy.deepcopy(model), tok, hypernet), hypernet, hid,
+    method = P2P("p2p", Answerer(AdaptedModel(copy.deepcopy(model), tok, hypernet.config)), hypernet, hid,
                  ProfileEncoder(hypernet.config.encoder))
     preds = [normalize_label(p) for p in method.predict(users, examples)]
     n = len(examples)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from p2p.decoding import decode
+from p2p.adapted_model import AdaptedModel
 from p2p.encoder import ProfileEncoder
 from p2p.generate import adapter_files, generate_user_adapters
-from p2p.hypernet import Hypernetwork, adapter_paths
-from p2p.lora import UserAdapter, wrap_model
+from p2p.hypernet import Hypernetwork
+from p2p.lora import UserAdapter
 from p2p.metrics import task_kind
 from p2p.models import chat_prompt
 from p2p.profile import ProfileConfig, build_profile
@@ -47,12 +47,8 @@ class Cost:
 class Answerer:
     """Greedy answers of the frozen base model, in batches, each row with its own adapter (or none)."""
 
-    def __init__(self, model: nn.Module, tokenizer, hypernet: Hypernetwork, batch_size: int = 16):
-        c = hypernet.config
-        self.model = model
-        wrap_model(model, c.target_modules, c.layers)
-        self.tok, self.layers, self.paths, self.scale = tokenizer, c.layers, adapter_paths(c), c.scale
-        self.batch_size = batch_size
+    def __init__(self, adapted: AdaptedModel, batch_size: int = 16):
+        self.adapted, self.tok, self.batch_size = adapted, adapted.tokenizer, batch_size
 
     def answer(self, prompts: list[str], max_tokens: list[int], adapters: list[UserAdapter | None] | None = None,
                ) -> list[str]:
@@ -61,9 +57,8 @@ class Answerer:
         out: list[str] = [""] * len(ids)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            decoded = decode(self.model, [ids[i] for i in rows], [max_tokens[i] for i in rows], [0.0] * len(rows),
-                             self.tok.eos_token_id, self.tok.pad_token_id or 0,
-                             [adapters[i] for i in rows] if adapters else None, self.layers, self.paths, self.scale)
+            decoded = self.adapted.decode([ids[i] for i in rows], [max_tokens[i] for i in rows],
+                                          [adapters[i] for i in rows] if adapters else None)
             for i, toks in zip(rows, decoded.tokens, strict=True):
                 out[i] = self.tok.decode(toks, skip_special_tokens=True).strip()
         return out

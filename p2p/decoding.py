@@ -8,13 +8,15 @@ step for the rows still running. Rows without an adapter get a zero adapter, whi
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from p2p.lora import UserAdapter, adapters_applied, stack_users
+from p2p.lora import UserAdapter
+
+if TYPE_CHECKING:
+    from p2p.adapted_model import AdaptedModel
 
 
 @dataclass
@@ -24,38 +26,28 @@ class Decoded:
     forward_passes: int
 
 
-def zero_adapter_like(adapter: UserAdapter) -> UserAdapter:
-    return {p: (torch.zeros_like(a), torch.zeros_like(b)) for p, (a, b) in adapter.items()}
-
-
 @torch.no_grad()
-def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], temperatures: list[float],
-           eos_id: int | None, pad_id: int, adapters: list[UserAdapter | None] | None = None,
-           layers: list[int] | None = None, paths: dict | None = None, scale: float = 1.0,
-           seed: int = 0) -> Decoded:
+def decode(adapted: AdaptedModel, prompts: list[list[int]], max_tokens: list[int], temperatures: list[float],
+           adapters: list[UserAdapter | None] | None = None, seed: int = 0) -> Decoded:
     """Generate for each row of a mixed batch; `adapters[i]` None means the base model for row i."""
+    model = adapted.model
     n = len(prompts)
     width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
+    device = adapted.device
+    ids = torch.full((n, width), adapted.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generator = torch.Generator().manual_seed(seed)
-
-    stacked = None
-    if adapters is not None and any(a is not None for a in adapters):
-        template = next(a for a in adapters if a is not None)
-        zero = zero_adapter_like(template)
-        stacked = stack_users([a if a is not None else zero for a in adapters], layers, paths)
+    eos_id = adapted.eos_id
 
     out: list[list[int]] = [[] for _ in range(n)]
     done = [m <= 0 for m in max_tokens]
     reasons = ["length"] * n
     passes = 0
-    ctx = adapters_applied(model, stacked, layers, scale) if stacked is not None else contextlib.nullcontext()
-    with ctx:
+    with adapted.applied(adapted.stack(adapters)):
         logits, cache = _forward(model, ids, mask, positions, None)
         passes += 1
         while not all(done):
@@ -72,7 +64,7 @@ def decode(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], te
                     done[i] = True
             if all(done):
                 break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             logits, cache = _forward(model, step.view(n, 1), mask, positions, cache)
             passes += 1
@@ -92,6 +84,6 @@ def _sample(logits: torch.Tensor, temperatures: list[float], generator: torch.Ge
     greedy = logits.argmax(-1)
     if all(t <= 0 for t in temperatures):
         return greedy
-    temps = torch.tensor([max(t, 1e-6) for t in temperatures], dtype=logits.dtype).unsqueeze(1)
-    sampled = torch.multinomial(torch.softmax(logits / temps, dim=-1), 1, generator=generator).squeeze(1)
-    return torch.where(torch.tensor([t <= 0 for t in temperatures]), greedy, sampled)
+    temps = torch.tensor([max(t, 1e-6) for t in temperatures], dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    sampled = torch.multinomial(torch.softmax(logits.float().cpu() / temps.cpu(), dim=-1), 1, generator=generator).squeeze(1).to(logits.device)
+    return torch.where(torch.tensor([t <= 0 for t in temperatures], device=logits.device), greedy, sampled)

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+from p2p.adapted_model import AdaptedModel
 from p2p.baselines import OPPU, P2P, Answerer, Base, Method, OPPUConfig, ProfileInPrompt
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
@@ -101,7 +102,7 @@ def run_eval(config: EvalConfig, progress=print) -> dict:
     base_model, tok = load_base_model(hypernet.config.base_model)
     import copy
 
-    answerer = Answerer(copy.deepcopy(base_model), tok, hypernet, batch_size=config.batch_size)
+    answerer = Answerer(AdaptedModel(copy.deepcopy(base_model), tok, hypernet.config), batch_size=config.batch_size)
     encoder = ProfileEncoder(hypernet.config.encoder) if {"p2p"} & set(config.methods) else None
     methods: dict[str, Method] = {}
     for name in config.methods:

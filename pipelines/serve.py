@@ -28,12 +28,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
+from p2p.adapted_model import AdaptedModel
 from p2p.data.schemas import DataError, validate
-from p2p.decoding import decode
 from p2p.errors import P2PError
 from p2p.generate import adapter_files, generate_user_adapters
-from p2p.hypernet import adapter_paths
-from p2p.lora import adapter_from_files, wrap_model
+from p2p.lora import adapter_from_files
 from p2p.models import chat_prompt, load_base_model
 from p2p.profile import ProfileConfig, build_profile, profile_hash
 from p2p.store import AdapterNotFound, AdapterStore, StoreError
@@ -108,9 +107,9 @@ class P2PServer:
         self.hypernet_id = hypernet_id or self._default_hypernet()
         self.hypernet, _ = self.store.load_hypernet(self.hypernet_id)
         c = self.hypernet.config
-        self.model, self.tokenizer = load_base_model(base or c.base_model)
-        wrap_model(self.model, c.target_modules, c.layers)
-        self.paths = adapter_paths(c)
+        model, self.tokenizer = load_base_model(base or c.base_model)
+        self.adapted = AdaptedModel(model, self.tokenizer, c)
+        self.model = model
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.unknown_user, self.recheck_s = unknown_user, recheck_s
         self.encoder = None  # loaded on the first on-demand adapter
@@ -168,11 +167,8 @@ class P2PServer:
         return await asyncio.to_thread(self._decode, jobs)
 
     def _decode(self, jobs: list[Job]) -> list[dict]:
-        c = self.hypernet.config
-        out = decode(self.model, [j.prompt_ids for j in jobs], [j.max_tokens for j in jobs],
-                     [j.temperature for j in jobs], self.tokenizer.eos_token_id,
-                     self.tokenizer.pad_token_id or 0, [j.adapter for j in jobs], c.layers, self.paths,
-                     c.scale, seed=jobs[0].seed)
+        out = self.adapted.decode([j.prompt_ids for j in jobs], [j.max_tokens for j in jobs],
+                                  [j.adapter for j in jobs], [j.temperature for j in jobs], seed=jobs[0].seed)
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         self.stats["forward_passes"] += out.forward_passes

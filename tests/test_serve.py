@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import requests
 
-from p2p.decoding import decode
+from p2p.adapted_model import AdaptedModel
 from p2p.encoder import ProfileEncoder
 from p2p.generate import adapter_files, generate_user_adapters
-from p2p.hypernet import adapter_paths, load_hypernet
-from p2p.lora import ADAPTER_WEIGHTS, adapter_from_files, wrap_model
+from p2p.hypernet import load_hypernet
+from p2p.lora import ADAPTER_WEIGHTS, adapter_from_files
 from p2p.models import load_base_model
 from p2p.profile import ProfileConfig, build_profile
 from p2p.store import AdapterStore
@@ -49,15 +49,11 @@ class Offline:
         self.model, self.tok = load_base_model("tiny-random")
         import copy
 
-        self.model = copy.deepcopy(self.model)
-        wrap_model(self.model, c.target_modules, c.layers)
-        self.paths = adapter_paths(c)
+        self.adapted = AdaptedModel(copy.deepcopy(self.model), self.tok, c)
 
     def tokens(self, prompt: str, adapter: dict | None, max_tokens: int = 8) -> list[int]:
-        c = self.hypernet.config
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        return decode(self.model, [ids], [max_tokens], [0.0], self.tok.eos_token_id, self.tok.pad_token_id or 0,
-                      [adapter], c.layers, self.paths, c.scale).tokens[0]
+        return self.adapted.decode([ids], [max_tokens], [adapter]).tokens[0]
 
 
 @pytest.fixture(scope="module")
