@@ -16,11 +16,11 @@ import copy
 from p2p.adapted_model import AdaptedModel
 from p2p.baselines import P2P, Answerer
 from p2p.data.synthetic import GENRE_TAGS
-from p2p.encoder import ProfileEncoder
 from p2p.evaluate import EvalConfig, checkpoint_dir, select
 from p2p.hypernet import load_hypernet
-from p2p.metrics import normalize_label
 from p2p.models import load_base_model
+from p2p.personalizer import Personalizer
+from p2p.tasks import tasks_of
 
 
 def main() -> None:
@@ -30,13 +30,13 @@ def main() -> None:
     parser.add_argument("--users-per-split", type=int, default=15)
     args = parser.parse_args()
     genre_of = {t: g for g, tags in GENRE_TAGS.items() for t in tags}
-    users, examples = select(EvalConfig(run=args.run, data=args.data, out="", tasks=("tag",),
-                                        users_per_split=args.users_per_split))
+    users, examples, _ = select(EvalConfig(run=args.run, data=args.data, out="", tasks=("tag",),
+                                           users_per_split=args.users_per_split))
     hypernet, hid = load_hypernet(checkpoint_dir(args.run))
     model, tok = load_base_model(hypernet.config.base_model)
-    method = P2P("p2p", Answerer(AdaptedModel(copy.deepcopy(model), tok, hypernet.config)), hypernet, hid,
-                 ProfileEncoder(hypernet.config.encoder))
-    preds = [normalize_label(p) for p in method.predict(users, examples)]
+    answerer = Answerer(AdaptedModel(copy.deepcopy(model), tok, hypernet.config), tasks_of(examples))
+    method = P2P("p2p", answerer, Personalizer(hypernet, hid))
+    preds = [p.strip() for p in method.predict(users, examples)]
     n = len(examples)
     exact = sum(p == e["target"] for p, e in zip(preds, examples, strict=True)) / n
     genre = sum(genre_of.get(p) == genre_of[e["target"]] for p, e in zip(preds, examples, strict=True)) / n

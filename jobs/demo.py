@@ -67,20 +67,20 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
     counts = write_synthetic(data, users, seed=0, chunk_size=max(50, users // 2), workers=2)
     print(f"    {counts}")
 
-    encoder = "hashing" if tiny else "minilm"
-    step("profiles: history -> profile text -> MiniLM embedding (Ray Data)",
-         f"p2p profiles --data {data} --out {data}/profiles")
+    config = load_config(config_path, max_steps=steps)
+    step("profiles: history -> profile text + label statistics -> embedding (Ray Data)",
+         f"p2p profiles --config {os.path.relpath(config_path)} --data {data} --out {data}/profiles")
     from pipelines.ingest import run_profiles
     from pipelines.ray_setup import ensure_ray
 
     ensure_ray()
-    print(f"    {run_profiles(os.path.join(data, 'users'), f'{data}/profiles', encoder)} profiles")
+    n = run_profiles(os.path.join(data, "users"), f"{data}/profiles", config.encoder, config.profile_config())
+    print(f"    {n} profiles")
 
     step("train the hypernetwork (Ray Train + DeepSpeed ZeRO-2, 2 workers)",
          f"p2p train --config {os.path.relpath(config_path)} --data {data} --out {run_dir}")
     from pipelines.train import run_training
 
-    config = load_config(config_path, max_steps=steps)
     summary = run_training(config, data, run_dir, profiles=f"{data}/profiles")
     print(f"    {summary['steps']} steps in {summary['seconds']:.0f}s; val loss {summary['val_loss']:.3f} "
           f"(best {summary['best_val_loss']:.3f})")
@@ -117,11 +117,12 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
 
     serve.shutdown()
 
-    step("eval on held-out users: base vs profile-in-prompt vs OPPU vs p2p",
+    methods = ("base", "rule", "shuffled", "oppu", "p2p")
+    step("eval on held-out users: P2P against the controls (rule, shuffled profiles), base and OPPU",
          f"p2p eval --run {run_dir} --data {data} --out {out}/report --tasks tag --users-per-split {eval_users} "
-         "--oppu-users 1 --oppu-epochs 1 --oppu-max-items 32")
+         f"--methods {','.join(methods)} --oppu-users 1 --oppu-epochs 1 --oppu-max-items 32")
     results = run_eval(EvalConfig(run=run_dir, data=data, out=f"{out}/report", users_per_split=eval_users, tasks=("tag",),
-                                  oppu_users=1, oppu=OPPUConfig(epochs=1, max_items=32)),
+                                  methods=methods, oppu_users=1, oppu=OPPUConfig(max_epochs=1, max_items=32)),
                        progress=lambda line: print(f"    {line}", flush=True))
     print()
     print(report_markdown(results))

@@ -1,36 +1,46 @@
 """The methods P2P is compared with, all with one shape: `predict(users, examples) -> answers`.
 
+Untrained baselines (what a product without personalization would ship):
 - `base`: the frozen base model, input only.
 - `prompt`: the same profile text P2P embeds, in the prompt (as a system message).
-- `oppu`: One-PEFT-Per-User: a LoRA trained with peft on the user's own history items, on the
-  same modules, layers, rank and scale as the hypernetwork's adapters.
-- `p2p`: the hypernetwork's adapter per user: profile -> embedding -> adapter in one pass.
 
-All answer greedily through the same batched decoder, so their differences are the method's.
-Each method also records what personalizing costs: seconds per user, bytes stored per user.
+Controls (what isolates the personalization effect; P2P must beat the best of them):
+- `rule`: the best rule that sees only the input: the data set's own reference rule where it
+  ships one (the synthetic benchmark's), else the majority training answer of the task.
+- `shared`: one adapter for everyone, from a hypernet trained with the same config and budget
+  on a constant embedding (`p2p train --with-shared`): it learns the task, not the user.
+- `shuffled`: P2P's own hypernet, each held-out user given another held-out user's profile.
+
+The expensive alternative P2P replaces:
+- `oppu`: One-PEFT-Per-User as published: start from the `shared` adapter, then train each user's
+  LoRA on that user's history items of the evaluated tasks, each turned into the task's own
+  prompt format, until the training loss stops falling (or a cap).
+
+And `p2p`: the hypernetwork's adapter per user: profile -> embedding -> adapter in one pass.
+
+All model-based methods answer greedily through the same batched decoder, with the same prompt
+format and token budget per task, so their differences are the method's. Each records what
+personalizing costs: seconds per user, bytes stored per user.
 """
 
 from __future__ import annotations
 
-import copy
-import re
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from p2p.adapted_model import AdaptedModel
-from p2p.encoder import ProfileEncoder
-from p2p.generate import adapter_files, generate_user_adapters
+from p2p.generate import generate_user_adapters
 from p2p.hypernet import Hypernetwork
 from p2p.lora import UserAdapter
-from p2p.metrics import task_kind
-from p2p.models import chat_prompt
+from p2p.personalizer import Personalizer
 from p2p.profile import ProfileConfig, build_profile
-
-MAX_TOKENS = {"classification": 8, "rating": 4, "generation": 24}
+from p2p.prompting import PromptFormat
+from p2p.tasks import CLASSIFICATION, RATING, Task
 
 
 @dataclass
@@ -47,39 +57,39 @@ class Cost:
 class Answerer:
     """Greedy answers of the frozen base model, in batches, each row with its own adapter (or none)."""
 
-    def __init__(self, adapted: AdaptedModel, batch_size: int = 16):
-        self.adapted, self.tok, self.batch_size = adapted, adapted.tokenizer, batch_size
+    def __init__(self, adapted: AdaptedModel, tasks: dict[str, Task], batch_size: int = 16):
+        self.adapted, self.tok, self.tasks, self.batch_size = adapted, adapted.tokenizer, tasks, batch_size
+        self.context = int(getattr(adapted.model.config, "max_position_embeddings", 2048))
 
-    def answer(self, prompts: list[str], max_tokens: list[int], adapters: list[UserAdapter | None] | None = None,
-               ) -> list[str]:
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    def answer(self, examples: list[dict], adapters: list[UserAdapter | None] | None = None,
+               system: list[str | None] | None = None) -> list[str]:
+        budgets = [self.tasks[e["task"]].max_tokens for e in examples]
+        # The prompt rule of training and serving: a prompt too long loses the middle of its text.
+        ids = [PromptFormat(self.tok, system[i] if system else None).ids(e["input"], self.context - budgets[i])
+               for i, e in enumerate(examples)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
         out: list[str] = [""] * len(ids)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            decoded = self.adapted.decode([ids[i] for i in rows], [max_tokens[i] for i in rows],
+            decoded = self.adapted.decode([ids[i] for i in rows], [budgets[i] for i in rows],
                                           [adapters[i] for i in rows] if adapters else None)
             for i, toks in zip(rows, decoded.tokens, strict=True):
                 out[i] = self.tok.decode(toks, skip_special_tokens=True).strip()
         return out
 
 
-def _budget(examples: list[dict]) -> list[int]:
-    return [MAX_TOKENS[task_kind(e["task"])] for e in examples]
-
-
 @dataclass
 class Method:
     name: str
-    answerer: Answerer
+    answerer: Answerer | None
     cost: Cost = field(default_factory=Cost)
 
-    def predict(self, users: dict[str, dict], examples: list[dict]) -> list[str]:
+    def predict(self, users: dict[str, dict], examples: list[dict]) -> list[str | None]:
         raise NotImplementedError
 
-    def _timed_answers(self, prompts, examples, adapters=None) -> list[str]:
+    def _timed_answers(self, examples, adapters=None, system=None) -> list[str]:
         t = time.perf_counter()
-        out = self.answerer.answer(prompts, _budget(examples), adapters)
+        out = self.answerer.answer(examples, adapters, system)
         self.cost.seconds_per_answer = (time.perf_counter() - t) / max(len(examples), 1)
         self.cost.answers = len(examples)
         return out
@@ -87,12 +97,11 @@ class Method:
 
 class Base(Method):
     def predict(self, users, examples):
-        tok = self.answerer.tok
-        return self._timed_answers([chat_prompt(tok, e["input"]) for e in examples], examples)
+        return self._timed_answers(examples)
 
 
 class ProfileInPrompt(Method):
-    def __init__(self, name, answerer, profile: ProfileConfig):
+    def __init__(self, name: str, answerer: Answerer, profile: ProfileConfig):
         super().__init__(name, answerer)
         self.profile = profile
 
@@ -102,131 +111,200 @@ class ProfileInPrompt(Method):
         self.cost.personalize_seconds_per_user = (time.perf_counter() - t) / max(len(texts), 1)
         self.cost.users = len(texts)
         self.cost.bytes_per_user = int(np.mean([len(t.encode()) for t in texts.values()])) if texts else 0
-        tok = self.answerer.tok
-        prompts = [chat_prompt(tok, e["input"], system=f"What you know about this user:\n{texts[e['user_id']]}")
-                   for e in examples]
-        return self._timed_answers(prompts, examples)
+        system = [f"What you know about this user:\n{texts[e['user_id']]}" for e in examples]
+        return self._timed_answers(examples, system=system)
+
+
+class Rule(Method):
+    """The best input-only rule: a reference answer, or the majority training answer for its key.
+
+    `reference` maps example ids to (rule_key, rule answer) as a data set ships them; `train`
+    are the training examples the majorities are fitted on. No answer (None) where a task has no
+    rule (free generation without a reference).
+    """
+
+    def __init__(self, name: str, tasks: dict[str, Task], train: list[dict], reference: dict[str, tuple]):
+        super().__init__(name, None)
+        self.tasks, self.reference = tasks, reference
+        by_key: dict[tuple, Counter] = {}
+        for e in train:
+            key = (reference.get(e["example_id"]) or (None, None))[0]
+            by_key.setdefault((e["task"], key), Counter())[e["target"]] += 1
+            by_key.setdefault((e["task"], None), Counter())[e["target"]] += 1
+        self.majority = {k: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for k, c in by_key.items()}
+
+    def predict(self, users, examples):
+        out = []
+        for e in examples:
+            key, answer = self.reference.get(e["example_id"], (None, None))
+            if answer is None and self.tasks[e["task"]].kind in (CLASSIFICATION, RATING):
+                answer = self.majority.get((e["task"], key), self.majority.get((e["task"], None)))
+            out.append(answer)
+        return out
 
 
 class P2P(Method):
-    def __init__(self, name, answerer, hypernet: Hypernetwork, hypernet_id: str, encoder: ProfileEncoder):
-        super().__init__(name, answerer)
-        self.hypernet, self.hypernet_id, self.encoder = hypernet, hypernet_id, encoder
+    """The hypernetwork's adapter per user, from their own profile (or from another user's: `shuffled`)."""
 
-    def personalize(self, histories: list[list[dict]]) -> list[UserAdapter]:
-        profile = ProfileConfig(**self.hypernet.config.profile)
-        emb = self.encoder.encode([build_profile(h, profile) for h in histories])
-        return generate_user_adapters(self.hypernet, emb)
+    def __init__(self, name: str, answerer: Answerer, personalizer: Personalizer, shuffle_seed: int | None = None):
+        super().__init__(name, answerer)
+        self.personalizer, self.shuffle_seed = personalizer, shuffle_seed
+        self.profile_of: dict[str, str] = {}  # user -> the user whose profile they were given
+
+    def _donors(self, users: dict[str, dict], examples: list[dict]) -> dict[str, str]:
+        """Who lends each user a profile: themselves, or (shuffled) another user of the same split."""
+        ids = sorted({e["user_id"] for e in examples})
+        if self.shuffle_seed is None:
+            return {u: u for u in ids}
+        split_of = {e["user_id"]: e["split"] for e in examples}
+        rng = random.Random(self.shuffle_seed)
+        donors = {}
+        for split in sorted(set(split_of.values())):
+            group = [u for u in ids if split_of[u] == split]
+            if len(group) < 2:
+                continue  # nobody to swap with: no answer for this split
+            shifted = group[:]
+            rng.shuffle(shifted)
+            donors.update(zip(shifted, shifted[1:] + shifted[:1], strict=True))  # a cycle: nobody keeps their own
+        return donors
 
     def predict(self, users, examples):
-        ids = sorted({e["user_id"] for e in examples})
+        donors = self._donors(users, examples)
+        self.profile_of = donors
+        ids = sorted(donors)
         t = time.perf_counter()
-        adapters = dict(zip(ids, self.personalize([users[u]["history"] for u in ids]), strict=True))
+        adapters = dict(zip(ids, self.personalizer.adapters([users[donors[u]]["history"] for u in ids]), strict=True))
         batch_seconds = (time.perf_counter() - t) / max(len(ids), 1)
-        # One user alone (no batching to amortize): what a brand-new user waits for.
-        single = []
+        single = []  # one user alone (no batching to amortize): what a brand-new user waits for
         for u in ids[: min(5, len(ids))]:
             t = time.perf_counter()
-            self.personalize([users[u]["history"]])
+            self.personalizer.adapters([users[u]["history"]])
             single.append(time.perf_counter() - t)
         self.cost.personalize_seconds_per_user = float(np.median(single)) if single else batch_seconds
         self.cost.users = len(ids)
         if ids:
-            self.cost.bytes_per_user = sum(len(b) for b in adapter_files(self.hypernet, self.hypernet_id,
-                                                                         adapters[ids[0]]).values())
-        tok = self.answerer.tok
-        return self._timed_answers([chat_prompt(tok, e["input"]) for e in examples], examples,
-                                   [adapters[e["user_id"]] for e in examples])
+            self.cost.bytes_per_user = sum(len(b) for b in self.personalizer.files(adapters[ids[0]]).values())
+        kept = [e for e in examples if e["user_id"] in adapters]
+        answers = dict(zip((e["example_id"] for e in kept),
+                           self._timed_answers(kept, [adapters[e["user_id"]] for e in kept]), strict=True))
+        return [answers.get(e["example_id"]) for e in examples]
 
 
-_TASK_IN_ID = re.compile(r"-(tag|rate|headline)-")
+class Shared(Method):
+    """One adapter for everyone: the `shared` control's hypernet at its 'no user' embedding."""
+
+    def __init__(self, name: str, answerer: Answerer, hypernet: Hypernetwork):
+        super().__init__(name, answerer)
+        [self.adapter] = generate_user_adapters(hypernet, hypernet.shared_embedding()[None])
+
+    def predict(self, users, examples):
+        return self._timed_answers(examples, [self.adapter] * len(examples))
 
 
 @dataclass
 class OPPUConfig:
-    epochs: int = 2
-    lr: float = 5e-4
+    max_epochs: int = 6  # cap; training stops earlier once the epoch loss stops falling
+    min_improvement: float = 0.01  # an epoch must lower the mean loss by this share to go on
+    lr: float = 1e-3
     batch_size: int = 8
-    max_items: int = 96  # the user's most recent history items it trains on
-    max_seq_len: int = 192
+    max_items: int = 256  # cap on a user's task-matched history items (most recent kept)
+    max_seq_len: int = 256
     seed: int = 0
 
 
 class OPPU(Method):
-    """One LoRA per user, trained with peft on that user's history (item text -> the user's label)."""
+    """One LoRA per user, trained on the user's own task-matched history, from the shared adapter.
 
-    def __init__(self, name, answerer, base_model: nn.Module, hypernet: Hypernetwork, instructions: dict[str, str],
+    The LoRA has exactly the shape P2P generates (same modules, layers, rank and scale) and trains
+    with the same loss, prompt format and frozen-prefix cache as the hypernet, through the same
+    batched-LoRA layers that are tested equal to peft's: the comparison is the training recipe,
+    not the implementation.
+    """
+
+    def __init__(self, name: str, answerer: Answerer, tasks: dict[str, Task], start: UserAdapter | None,
                  config: OPPUConfig | None = None):
         super().__init__(name, answerer)
-        self.base_model, self.hconfig = base_model, hypernet.config
-        self.instructions, self.config = instructions, config or OPPUConfig()
-        self.hypernet, self.train_seconds = hypernet, {}
+        self.tasks, self.start, self.config = tasks, start, config or OPPUConfig()
+        self.train_seconds: dict[str, float] = {}
+        self.epochs_run: dict[str, int] = {}
+        self.items_used: dict[str, int] = {}
 
-    def training_pairs(self, history: list[dict], default_task: str) -> list[tuple[str, str]]:
-        """(prompt, target) per history item; the item's task comes from its id when it names one."""
+    def training_pairs(self, history: list[dict], tasks: list[str]) -> list[tuple[str, str]]:
+        """The user's history items of these tasks, in each task's prompt format (most recent kept)."""
         pairs = []
-        for h in sorted(history, key=lambda h: h["ts"])[-self.config.max_items :]:
-            if h.get("label") in (None, ""):
-                continue
-            m = _TASK_IN_ID.search(h["item_id"])
-            task = m.group(1) if m else default_task
-            template = self.instructions.get(task, "{text}")
-            pairs.append((template.format(text=h["text"]), h["label"]))
+        for name in tasks:
+            pairs += self.tasks[name].history_examples(history)[-self.config.max_items :]
         return pairs
 
-    def train_user(self, history: list[dict], default_task: str) -> UserAdapter:
-        from peft import LoraConfig, get_peft_model
+    def train_user(self, user_id: str, history: list[dict], tasks: list[str]) -> UserAdapter:
+        from p2p.config import TrainConfig
+        from p2p.lora import split_users, stack_users
+        from p2p.training import AdapterLM, collate
 
-        from p2p.training import IGNORE, encode_example
-
-        c, oc = self.hconfig, self.config
-        torch.manual_seed(oc.seed)
-        model = get_peft_model(copy.deepcopy(self.base_model), LoraConfig(
-            r=c.rank, lora_alpha=c.scale * c.rank, target_modules=list(c.target_modules),
-            layers_to_transform=sorted(c.layers) if len(c.layers) < c.num_layers else None, lora_dropout=0.0))
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=oc.lr)
-        tok = self.answerer.tok
-        pairs = self.training_pairs(history, default_task)
-        rng = np.random.default_rng(oc.seed)
-        model.train()
-        for _ in range(oc.epochs):
-            order = rng.permutation(len(pairs))
-            for s in range(0, len(order), oc.batch_size):
-                enc = [encode_example(tok, *pairs[i], oc.max_seq_len) for i in order[s : s + oc.batch_size]]
-                width = max(len(x) for x, _ in enc)
-                ids = torch.full((len(enc), width), tok.pad_token_id or 0)
-                labels = torch.full((len(enc), width), IGNORE)
-                mask = torch.zeros((len(enc), width), dtype=torch.long)
-                for i, (x, lab) in enumerate(enc):
-                    ids[i, : len(x)], labels[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(lab), 1
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        c, adapted = self.config, self.answerer.adapted
+        start = self.start or _peft_init(adapted)
+        params = {m: (a.clone().requires_grad_(True), b.clone().requires_grad_(True))
+                  for m, (a, b) in stack_users([start], adapted.layers, adapted.paths).items()}
+        opt = torch.optim.AdamW([t for ab in params.values() for t in ab], lr=c.lr)
+        lm = AdapterLM(adapted)  # its own prefix cache: freed with it
+        fmt = PromptFormat(self.answerer.tok)
+        rows = [{"example_id": f"{user_id}#{i}", "user_id": user_id, "input": x, "target": y, "embedding": [0.0]}
+                for i, (x, y) in enumerate(self.training_pairs(history, tasks))]
+        loss_config = TrainConfig()  # plain cross-entropy: no label smoothing, no L2
+        rng = np.random.default_rng(c.seed)
+        previous, epochs, memo = float("inf"), 0, {}
+        while rows and epochs < c.max_epochs:
+            order, losses = rng.permutation(len(rows)), []
+            for s in range(0, len(order), c.batch_size):
+                batch = collate([rows[i] for i in order[s : s + c.batch_size]], fmt, c.max_seq_len, memo)
+                loss, _ = lm.loss(lambda _: params, batch, loss_config)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
-                opt.zero_grad()
-        adapter: UserAdapter = {}
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                path = name.removeprefix("base_model.model.")
-                adapter[path] = (module.lora_A["default"].weight.detach().clone(),
-                                 module.lora_B["default"].weight.detach().clone())
-        return adapter
+                losses.append(loss.item())
+            epochs += 1
+            mean = float(np.mean(losses))
+            if mean > previous * (1 - c.min_improvement):
+                break
+            previous = mean
+        self.epochs_run[user_id], self.items_used[user_id] = epochs, len(rows)
+        generated = {m: (a.detach(), b.detach()) for m, (a, b) in params.items()}
+        return split_users(generated, adapted.layers, adapted.paths)[0]
 
     def predict(self, users, examples):
         ids = sorted({e["user_id"] for e in examples})
+        tasks_of: dict[str, list[str]] = {}
+        for e in examples:
+            tasks_of.setdefault(e["user_id"], [])
+            if e["task"] not in tasks_of[e["user_id"]]:
+                tasks_of[e["user_id"]].append(e["task"])
         adapters, seconds = {}, []
-        task_of = {e["user_id"]: e["task"] for e in examples}
         for u in ids:
             t = time.perf_counter()
-            adapters[u] = self.train_user(users[u]["history"], task_of[u])
+            adapters[u] = self.train_user(u, users[u]["history"], tasks_of[u])
             seconds.append(time.perf_counter() - t)
             self.train_seconds[u] = seconds[-1]
         self.cost.personalize_seconds_per_user = float(np.mean(seconds)) if seconds else 0.0
         self.cost.users = len(ids)
         if ids:
-            self.cost.bytes_per_user = sum(len(b) for b in adapter_files(self.hypernet, "oppu", adapters[ids[0]]).values())
-        tok = self.answerer.tok
-        return self._timed_answers([chat_prompt(tok, e["input"]) for e in examples], examples,
-                                   [adapters[e["user_id"]] for e in examples])
+            from p2p.lora import peft_files
+
+            c = self.answerer.adapted.config
+            files = peft_files(adapters[ids[0]], base_model_name=c.base_model, rank=c.rank, scale=c.scale,
+                               target_modules=c.target_modules, layers=c.layers, num_layers=c.num_layers)
+            self.cost.bytes_per_user = sum(len(b) for b in files.values())
+        return self._timed_answers(examples, [adapters[e["user_id"]] for e in examples])
+
+
+def _peft_init(adapted: AdaptedModel) -> UserAdapter:
+    """PEFT's own LoRA init for these modules (A Kaiming-uniform, B zero), when no shared adapter exists."""
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for (_layer, module), path in sorted(adapted.paths.items()):
+        fan_in, fan_out = adapted.config.shapes[module]
+        bound = math.sqrt(6.0 / (6 * fan_in))
+        a = torch.empty(adapted.config.rank, fan_in).uniform_(-bound, bound, generator=gen)
+        out[path] = (a, torch.zeros(fan_out, adapted.config.rank))
+    return out

@@ -125,10 +125,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
+    from p2p.config import load_config
     from p2p.pipeline_local import users_uri
+
+    # The training config decides how profiles are built; its defaults when none is given.
+    config = load_config(args.config, encoder=args.encoder)
     from pipelines.ingest import run_profiles
 
-    n = run_profiles(users_uri(args.data), args.out, args.encoder, actors=args.actors)
+    n = run_profiles(users_uri(args.data), args.out, config.encoder, config.profile_config(), actors=args.actors)
     print(f"wrote {n} profiles to {args.out}")
     return 0
 
@@ -138,11 +142,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Validated here, before Ray starts: an unknown field or a wrong type names the field.
     config = load_config(args.config, workers=args.workers, zero_stage=args.zero_stage, max_steps=args.max_steps)
-    from pipelines.train import run_training
+    from pipelines.train import run_training, run_training_with_shared
 
-    summary = run_training(config, args.data, args.out)
-    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; val loss {summary['val_loss']}, "
-          f"best {summary['best_val_loss']}; checkpoints: {summary['latest']} and {summary['best']}")
+    runs = run_training_with_shared(config, args.data, args.out) if args.with_shared else \
+        (run_training(config, args.data, args.out),)
+    for summary in runs:
+        what = "the shared control" if summary["control"] == "shared" else "P2P"
+        print(f"trained {what}: {summary['steps']} steps in {summary['seconds']:.0f}s; task-balanced val loss "
+              f"{summary['val_loss']:.4f}, best {summary['best_val_loss']:.4f} (step {summary['best_step']}); "
+              f"checkpoints: {summary['latest']} and {summary['best']}")
     return 0
 
 
@@ -202,11 +210,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run=args.run, data=args.data, out=args.out, splits=tuple(args.split.split(",")),
         methods=tuple(args.methods.split(",")), tasks=tuple(args.tasks.split(",")) if args.tasks else None,
         users_per_split=args.users_per_split, oppu_users=args.oppu_users,
-        oppu=OPPUConfig(epochs=args.oppu_epochs, max_items=args.oppu_max_items), seed=args.seed,
+        oppu=OPPUConfig(max_epochs=args.oppu_epochs, max_items=args.oppu_max_items), seed=args.seed,
+        scoring=args.scoring, bootstrap=args.bootstrap, shared=args.shared,
     )
     results = run_eval(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(report_markdown(results))
-    print(f"report: {os.path.join(args.out, 'report.md')} (+ report.json, quality.png, by_history.png, cost.png)")
+    print(f"report: {os.path.join(args.out, 'report.md')} (+ report.json, quality.png, effect.png, cost.png)")
     return 0
 
 
@@ -265,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="Ray Data: users -> profile text -> embedding -> profiles Parquet")
     p.add_argument("--data", required=True, help="data directory with users/ (local or s3://)")
     p.add_argument("--out", required=True, help="profiles output directory")
-    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--config", default=None, help="training config whose encoder and profile settings to use")
+    p.add_argument("--encoder", default=None, help="override the config's encoder (default minilm)")
     p.add_argument("--actors", type=int, default=1, help="encoder actors (one model each)")
     p.set_defaults(func=cmd_profiles)
 
@@ -276,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--zero-stage", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--with-shared", action="store_true",
+                   help="also train the non-personalized control (same config and budget) into OUT/shared")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("refresh", help="Ray Data: new/changed users -> adapters in the store, manifest committed last")
@@ -302,17 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs (torch threads) per replica")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help="P2P vs base, profile-in-prompt and OPPU on held-out users: report + plots")
+    p = sub.add_parser("eval", help="P2P vs the controls and baselines on held-out users: report with CIs + plots")
     p.add_argument("--run", required=True, help="training run directory (uses best/) or a hypernet checkpoint")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--split", default="test_id,test_ood", help="held-out splits to score")
-    p.add_argument("--methods", default="base,prompt,oppu,p2p")
+    p.add_argument("--methods", default="base,prompt,rule,shared,shuffled,oppu,p2p",
+                   help="any of base, prompt, rule, shared, shuffled, oppu, p2p")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     p.add_argument("--users-per-split", type=int, default=None, help="sample this many users per split")
+    p.add_argument("--scoring", default="official", choices=["official", "lenient"],
+                   help="official: LaMP's eval/evaluation.py; lenient: the forgiving variant, labelled as such")
+    p.add_argument("--shared", default=None, help="the shared control's run or checkpoint (default RUN/shared)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap samples per 95%% interval")
     p.add_argument("--oppu-users", type=int, default=4, help="users per split OPPU trains a LoRA for")
-    p.add_argument("--oppu-epochs", type=int, default=2)
-    p.add_argument("--oppu-max-items", type=int, default=96, help="history items per user OPPU trains on")
+    p.add_argument("--oppu-epochs", type=int, default=6, help="cap on OPPU epochs (it stops when the loss stalls)")
+    p.add_argument("--oppu-max-items", type=int, default=256, help="task-matched history items per task and user")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 

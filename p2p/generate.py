@@ -29,8 +29,13 @@ def adapter_files(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter
     )
 
 
-def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
+def write_folder(files: dict[str, bytes], folder: str) -> None:
+    """A PEFT folder's files (from `adapter_files`) on the local disk."""
     os.makedirs(folder, exist_ok=True)
-    for name, data in adapter_files(hypernet, hypernet_id, adapter).items():
+    for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
+
+
+def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
+    write_folder(adapter_files(hypernet, hypernet_id, adapter), folder)

@@ -1,11 +1,24 @@
 """The hypernetwork: a user's profile embedding -> a full set of LoRA adapters in one pass.
 
 For every target (layer l, module m) the trunk reads
-    concat(LN(Linear(e_user)), LN(E_depth[l]), LN(E_module[m]))
+    concat(LN(Linear(z_user)), LN(E_depth[l]), LN(E_module[m]))
 and one head per module type emits that target's A [r, in] and B [out, r]. All users times all
-targets go through the trunk as one batch. The heads start with zero weights and a bias equal
-to PEFT's default LoRA init (A Kaiming-uniform, B zero), so every adapter is exactly dW = 0 at
-step 0 and training starts from the base model.
+targets go through the trunk as one batch.
+
+Two choices decide whether the user pathway learns at all:
+- `z_user` is the embedding standardized with the training users' per-dimension mean and std
+  (buffers saved with the checkpoint). Profile embeddings of one encoder are close to each other
+  (cosine ~0.9); without centering, LN(Linear(e)) is dominated by what all users share.
+- Each head is `bias + output_scale * (W h)`. The bias starts at PEFT's LoRA init (A
+  Kaiming-uniform, B zero) and W at small random values (`head_init_std`), so adapters start at
+  dW ~ 0 while the gradient into the trunk and the user projection is non-zero from step 0 (with
+  W = 0 it is exactly zero and the bias alone learns one adapter for everyone). Adam moves each
+  weight by ~lr per step, so `W h` would move by ~lr x fan-in; the fixed `output_scale`
+  (1/sqrt(head_in) by default) keeps the generated values' steps near the bias's, so one learning
+  rate suits the whole network.
+Checkpoints written before these options load with their old behaviour (no standardization,
+zero-initialised heads, scale 1): the defaults of the dataclass are that behaviour, and
+`make_config` turns the new one on.
 
 The first trunk layer acts on a concatenation, so it is computed as the sum of three smaller
 products (user part per user, target part per target) and broadcast: same function, far fewer
@@ -56,6 +69,9 @@ class HypernetConfig:
     trunk_depth: int = 2
     head_in: int = 256
     dropout: float = 0.0
+    standardize: bool = False  # standardize embeddings with the training users' mean and std (buffers)
+    head_init_std: float = 0.0  # std of the heads' initial weights (0: zero heads, no gradient to the trunk)
+    head_output_scale: float = 1.0  # heads emit bias + scale * (W h)
     seed: int = 0
     profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
     extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
@@ -109,6 +125,7 @@ def adapter_paths(config: HypernetConfig) -> dict[tuple[int, str], str]:
 def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int, preset: str = "small",
                 rank: int = 8, alpha: float | None = None, target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
                 top_k_layers: int | None = None, seed: int = 0, **overrides) -> HypernetConfig:
+    """A new hypernet's config: the preset's sizes, standardized inputs, small random heads."""
     if preset not in PRESETS:
         raise P2PError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
     num_layers, shapes, fan, templates = target_shapes(model, list(target_modules))
@@ -118,6 +135,9 @@ def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int,
             raise P2PError(f"top_k_layers must be in 1..{num_layers}, got {top_k_layers}")
         layers = layers[num_layers - top_k_layers :]
     sizes = {**PRESETS[preset], **overrides}
+    sizes.setdefault("standardize", True)
+    sizes.setdefault("head_init_std", 1e-5)
+    sizes.setdefault("head_output_scale", sizes["head_in"] ** -0.5)
     return HypernetConfig(
         base_model=base_model, encoder=encoder, embed_dim=embed_dim, num_layers=num_layers, layers=layers,
         target_modules=list(target_modules), shapes=shapes, module_paths=templates, rank=rank,
@@ -158,11 +178,14 @@ class Hypernetwork(nn.Module):
             {m: nn.Linear(c.head_in, c.rank * (i + o)) for m, (i, o) in c.shapes.items()}
         )
         self.register_buffer("layer_ids", torch.tensor(c.layers, dtype=torch.long), persistent=False)
+        if c.standardize:
+            self.register_buffer("input_mean", torch.zeros(c.embed_dim))
+            self.register_buffer("input_std", torch.ones(c.embed_dim))
         self.reset_heads()
 
     @torch.no_grad()
     def reset_heads(self) -> None:
-        """Zero head weights; bias = PEFT's LoRA init (A Kaiming-uniform, B zero): dW = 0."""
+        """Bias = PEFT's LoRA init (A Kaiming-uniform, B zero); weights ~ N(0, head_init_std^2)."""
         gen = torch.Generator().manual_seed(self.config.seed)
         for name, head in self.heads.items():
             fan_in, fan_out = self.config.shapes[name]
@@ -171,7 +194,23 @@ class Hypernetwork(nn.Module):
             bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))
             a.uniform_(-bound, bound, generator=gen)
             head.weight.zero_()
+            if self.config.head_init_std > 0:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * self.config.head_init_std)
             head.bias.copy_(torch.cat([a.flatten(), torch.zeros(fan_out * self.config.rank)]))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean, std) -> None:
+        """Standardize inputs with the training users' per-dimension embedding mean and std."""
+        if not self.config.standardize:
+            return
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-4))
+
+    def shared_embedding(self) -> torch.Tensor:
+        """The embedding of 'no user': the training mean (all zeros once standardized)."""
+        if self.config.standardize:
+            return self.input_mean.detach().clone()
+        return torch.zeros(self.config.embed_dim)
 
     def forward(self, embeddings: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """[U, embed_dim] -> {module: (A [U, L, r, in], B [U, L, out, r])} for the configured layers."""
@@ -179,7 +218,12 @@ class Hypernetwork(nn.Module):
         if embeddings.ndim != 2 or embeddings.shape[1] != c.embed_dim:
             raise ValueError(f"embeddings must be [users, {c.embed_dim}], got {tuple(embeddings.shape)}")
         n_users, n_layers, n_mod = embeddings.shape[0], len(c.layers), len(c.target_modules)
-        user = self.user_norm(self.user_proj(embeddings))  # [U, latent]
+        weight = self.user_proj.weight
+        embeddings = embeddings.to(device=weight.device, dtype=torch.float32)
+        if c.standardize:
+            embeddings = (embeddings - self.input_mean) / self.input_std
+        # Mixed precision (DeepSpeed bf16/fp16 casts the module): inputs follow the weights' dtype.
+        user = self.user_norm(self.user_proj(embeddings.to(weight.dtype)))  # [U, latent]
         depth = self.depth_norm(self.depth_embed(self.layer_ids))  # [L, latent]
         module = self.module_norm(self.module_embed.weight)  # [M, latent]
         target = torch.cat(
@@ -193,7 +237,8 @@ class Hypernetwork(nn.Module):
         out = {}
         for j, name in enumerate(c.target_modules):
             fan_in, fan_out = c.shapes[name]
-            flat = self.heads[name](h[:, j])  # [U, L, r (in + out)]
+            head = self.heads[name]
+            flat = head.bias + F.linear(h[:, j], head.weight) * c.head_output_scale  # [U, L, r (in + out)]
             a = flat[..., : c.rank * fan_in].reshape(n_users, n_layers, c.rank, fan_in)
             b = flat[..., c.rank * fan_in :].reshape(n_users, n_layers, fan_out, c.rank)
             out[name] = (a, b)

@@ -11,11 +11,10 @@ import numpy as np
 from tqdm import tqdm
 
 from p2p.data.schemas import iter_tables
-from p2p.encoder import ProfileEncoder
 from p2p.errors import P2PError
-from p2p.generate import export_adapter, generate_user_adapters
+from p2p.generate import write_folder
 from p2p.hypernet import load_hypernet
-from p2p.profile import ProfileConfig, build_profile
+from p2p.personalizer import Personalizer, ProfileEmbedder
 from p2p.userkey import user_key
 
 
@@ -27,22 +26,19 @@ def users_uri(data: str) -> str:
 def generate_folders(hypernet_dir: str, data: str, out: str, users: list[str] | None = None,
                      batch_size: int = 64) -> int:
     hypernet, hypernet_id = load_hypernet(hypernet_dir)
-    encoder = ProfileEncoder(hypernet.config.encoder)
-    if encoder.dim != hypernet.config.embed_dim:
-        raise P2PError(f"encoder {encoder.name} gives {encoder.dim}-d, hypernet expects {hypernet.config.embed_dim}")
-    profile_config = ProfileConfig(**hypernet.config.profile)
+    personalizer = Personalizer(hypernet, hypernet_id)
     wanted = set(users) if users is not None else None
     found: set[str] = set()
-    pending: list[tuple[str, str]] = []
+    pending: list[tuple[str, list[dict]]] = []
     written = 0
     bar = tqdm(total=len(wanted) if wanted is not None else None, unit="user", desc="generate", disable=None)
 
     def flush() -> int:
         if not pending:
             return 0
-        emb = encoder.encode([text for _, text in pending])
-        for (uid, _), adapter in zip(pending, generate_user_adapters(hypernet, emb), strict=True):
-            export_adapter(hypernet, hypernet_id, adapter, os.path.join(out, user_key(uid)))
+        adapters = personalizer.adapters([history for _, history in pending])
+        for (uid, _), adapter in zip(pending, adapters, strict=True):
+            write_folder(personalizer.files(adapter), os.path.join(out, user_key(uid)))
         bar.update(len(pending))
         n = len(pending)
         pending.clear()
@@ -54,7 +50,7 @@ def generate_folders(hypernet_dir: str, data: str, out: str, users: list[str] | 
             if wanted is not None and uid not in wanted:
                 continue
             found.add(uid)
-            pending.append((uid, build_profile(row["history"], profile_config)))
+            pending.append((uid, row["history"]))
             if len(pending) >= batch_size:
                 written += flush()
     if wanted is not None and wanted - found:
@@ -67,24 +63,23 @@ def generate_folders(hypernet_dir: str, data: str, out: str, users: list[str] | 
     return written
 
 
-def build_profiles(data: str, encoder: ProfileEncoder, config: ProfileConfig, batch_size: int = 256):
+def build_profiles(data: str, embedder: ProfileEmbedder, batch_size: int = 256):
     """The `profiles` table for every user, in one process (the Ray job: pipelines/ingest.py)."""
     import pyarrow as pa
 
     from p2p.data.schemas import profiles_schema
-    from p2p.profile import profile_hash
 
     parts = []
     for _, table in iter_tables(users_uri(data), "users"):
         ids = table.column("user_id").to_pylist()
-        texts = [build_profile(h, config) for h in table.column("history").to_pylist()]
-        emb = np.concatenate([encoder.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        profiles = embedder.profiles(table.column("history").to_pylist())
+        emb = np.concatenate([embedder.embed(profiles[i : i + batch_size]) for i in range(0, len(profiles), batch_size)])
         parts.append(pa.table({
-            "user_id": ids, "profile_text": texts,
-            "profile_hash": [profile_hash(t, encoder.encoder_id) for t in texts],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), encoder.dim),
-            "encoder": [encoder.encoder_id] * len(ids),
-        }, schema=profiles_schema(encoder.dim)))
+            "user_id": ids, "profile_text": [p.text for p in profiles],
+            "profile_hash": [p.hash for p in profiles],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), embedder.dim),
+            "encoder": [embedder.id] * len(ids),
+        }, schema=profiles_schema(embedder.dim)))
     return pa.concat_tables(parts)
 
 

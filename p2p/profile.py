@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from rank_bm25 import BM25Okapi
 
 
@@ -24,6 +25,7 @@ class ProfileConfig:
     item_chars: int = 160  # each quoted item is cut to this
     summary_labels: int = 12  # most frequent labels listed
     query_terms: int = 10  # the user-level BM25 query: this many most frequent content words
+    features: int = 0  # dimensions of the label-statistics vector appended to the text embedding (0: none)
 
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -52,11 +54,18 @@ def _is_number(x: str) -> bool:
         return False
 
 
+_SMALL_WORDS = frozenset({"a", "an", "and", "at", "for", "in", "near", "of", "on", "or", "the", "to"})
+
+
 def _casing(text: str) -> str:
-    letters = [w for w in text.split() if w[:1].isalpha()]
+    """lowercase, title case or sentence case of a written answer (a leading `Word:` prefix aside)."""
+    words = text.split()
+    if words and words[0].endswith(":"):
+        words = words[1:]
+    letters = [w for w in words if w[:1].isalpha()]
     if letters and all(w == w.lower() for w in letters):
         return "lowercase"
-    if letters and all(w[:1].isupper() for w in letters if len(w) > 3):
+    if letters and all(w[:1].isupper() for w in letters if w.lower() not in _SMALL_WORDS):
         return "title case"
     return "sentence case"
 
@@ -145,6 +154,47 @@ def build_profile(history: list[dict], config: ProfileConfig | None = None) -> s
     return out if len(out) <= config.max_chars else out[: config.max_chars]
 
 
-def profile_hash(profile_text: str, encoder_id: str) -> str:
-    """Changes when the profile text or the encoder changes: either means a new embedding."""
-    return hashlib.sha256(f"{encoder_id}\n{profile_text}".encode()).hexdigest()
+def label_tokens(label: str) -> list[str]:
+    """What one answer says about its author, as tokens: the label itself for categories and
+    scores; the prefix word, casing and closing mark for written answers."""
+    kind = _label_kind([label])
+    if kind == "category":
+        return ["label:" + label.strip().lower()]
+    if kind == "score":
+        return [f"score:{round(float(label))}"]
+    words = label.split()
+    prefix = words[0] if words and words[0].endswith(":") else "-"
+    ending = label.rstrip()[-1] if label.rstrip()[-1:] in ("!", "?", ".") else "-"
+    return [f"prefix:{prefix}", f"case:{_casing(label)}", f"end:{ending}"]
+
+
+def profile_features(history: list[dict], config: ProfileConfig) -> np.ndarray:
+    """The user's label statistics as a fixed-size vector: how often each label-token is used,
+    as a share of the user's answers of that kind, hashed into `config.features` bins.
+
+    The text embedding reads the summary only as far as the encoder's window goes and blurs
+    counts; these shares are exact for any encoder, and they are what decides a user's answer
+    when the input alone does not (which tag, which score level, which style).
+    """
+    out = np.zeros(config.features, np.float32)
+    if not config.features:
+        return out
+    by_kind: dict[str, Counter] = {}
+    for h in history:
+        if h.get("label") not in (None, ""):
+            kind = _label_kind([h["label"]])
+            by_kind.setdefault(kind, Counter()).update(label_tokens(h["label"]))
+    for kind, counts in by_kind.items():
+        total = sum(counts.values()) / (3 if kind == "text" else 1)  # 3 tokens per written answer
+        for token, c in counts.items():
+            h = int.from_bytes(hashlib.blake2b(f"{kind}|{token}".encode(), digest_size=8).digest(), "little")
+            out[h % config.features] += c / total
+    return out
+
+
+def profile_hash(profile_text: str, encoder_id: str, features: np.ndarray | None = None) -> str:
+    """Changes when the profile text, its features or the encoder changes: each means a new embedding."""
+    h = hashlib.sha256(f"{encoder_id}\n{profile_text}".encode())
+    if features is not None and len(features):
+        h.update(np.ascontiguousarray(features, np.float32).tobytes())
+    return h.hexdigest()

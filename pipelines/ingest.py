@@ -12,46 +12,55 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from p2p.data.schemas import check_schemas, profiles_schema, validate
-from p2p.encoder import ProfileEncoder
-from p2p.profile import ProfileConfig, build_profile, profile_hash
+from p2p.personalizer import Profile, ProfileEmbedder, embedder_id
+from p2p.profile import ProfileConfig, build_profile, profile_features, profile_hash
 from pipelines.ray_setup import ensure_ray, user_errors
 
 
-def profile_texts(batch: pa.Table, profile: dict) -> pa.Table:
-    """Validate the block against the users contract, then build each profile text."""
+def profile_texts(batch: pa.Table, profile: dict, encoder: str) -> pa.Table:
+    """Validate the block against the users contract, then build each profile: text, features, hash."""
     source = batch.column("path")[0].as_py() if "path" in batch.column_names and len(batch) else "users"
     users = validate(batch.drop_columns(["path"]) if "path" in batch.column_names else batch, "users", source)
     config = ProfileConfig(**profile)
-    texts = [build_profile(h, config) for h in users.column("history").to_pylist()]
+    eid = embedder_id(encoder, config)
+    texts, features, hashes = [], [], []
+    for h in users.column("history").to_pylist():
+        texts.append(build_profile(h, config))
+        features.append(profile_features(h, config))
+        hashes.append(profile_hash(texts[-1], eid, features[-1]))
     return pa.table({"user_id": users.column("user_id"), "profile_text": texts,
-                     "updated_at": users.column("updated_at")})
+                     "features": pa.array([f.tolist() for f in features], pa.list_(pa.float32())),
+                     "profile_hash": hashes, "updated_at": users.column("updated_at")})
 
 
 class Embed:
-    """Actor: loads the encoder once, embeds blocks of profile texts."""
+    """Actor: loads the encoder once, embeds blocks of profiles."""
 
-    def __init__(self, encoder: str):
-        self.encoder = ProfileEncoder(encoder)
+    def __init__(self, encoder: str, profile: dict):
+        self.embedder = ProfileEmbedder(encoder, profile)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("profile_text").to_pylist()
-        emb = self.encoder.encode(texts) if texts else np.zeros((0, self.encoder.dim), np.float32)
-        eid = self.encoder.encoder_id
+        features = [np.asarray(f, np.float32) for f in batch.column("features").to_pylist()]
+        hashes = batch.column("profile_hash").to_pylist()
+        profiles = [Profile(t, f, h) for t, f, h in zip(texts, features, hashes, strict=True)]
+        dim = self.embedder.dim
+        emb = self.embedder.embed(profiles) if profiles else np.zeros((0, dim), np.float32)
         return pa.table({
-            "user_id": batch.column("user_id"), "profile_text": texts,
-            "profile_hash": [profile_hash(t, eid) for t in texts],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.encoder.dim),
-            "encoder": [eid] * len(texts),
-        }, schema=profiles_schema(self.encoder.dim))
+            "user_id": batch.column("user_id"), "profile_text": texts, "profile_hash": hashes,
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
+            "encoder": [self.embedder.id] * len(texts),
+        }, schema=profiles_schema(dim))
 
 
 def profiles_dataset(users_uri: str, encoder: str, profile: dict | None = None, actors: int = 1,
                      batch_size: int = 256) -> ray.data.Dataset:
     check_schemas(users_uri, "users")  # a bad file is named now, before Ray unifies schemas
     ds = ray.data.read_parquet(users_uri, include_paths=True)
-    ds = ds.map_batches(profile_texts, fn_kwargs={"profile": profile or {}}, batch_format="pyarrow",
-                        batch_size=batch_size)
-    return ds.map_batches(Embed, fn_constructor_kwargs={"encoder": encoder}, batch_format="pyarrow",
+    ds = ds.map_batches(profile_texts, fn_kwargs={"profile": profile or {}, "encoder": encoder},
+                        batch_format="pyarrow", batch_size=batch_size)
+    return ds.map_batches(Embed, fn_constructor_kwargs={"encoder": encoder, "profile": profile or {}},
+                          batch_format="pyarrow",
                           batch_size=batch_size, compute=ActorPoolStrategy(min_size=1, max_size=actors))
 
 

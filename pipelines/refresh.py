@@ -27,12 +27,11 @@ from ray.data import ActorPoolStrategy
 
 from p2p.config import RefreshConfig
 from p2p.data.schemas import check_schemas, parquet_files
-from p2p.encoder import ProfileEncoder
 from p2p.errors import P2PError
 from p2p.fs import filesystem
 from p2p.generate import adapter_files, generate_user_adapters
+from p2p.personalizer import Profile, ProfileEmbedder
 from p2p.pipeline_local import users_uri
-from p2p.profile import profile_hash
 from p2p.store import AdapterStore
 from pipelines.ingest import profile_texts
 from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
@@ -71,11 +70,9 @@ def _timed(batch: pa.Table, stage: str, seconds: float) -> pa.Table:
     return batch.append_column(f"t_{stage}", pa.array([per_row] * len(batch), pa.float64()))
 
 
-def profile_stage(batch: pa.Table, profile: dict, encoder_id: str) -> pa.Table:
+def profile_stage(batch: pa.Table, profile: dict, encoder: str) -> pa.Table:
     t = time.perf_counter()
-    out = profile_texts(batch, profile)
-    out = out.append_column("profile_hash", pa.array([profile_hash(x, encoder_id) for x in
-                                                      out.column("profile_text").to_pylist()], pa.string()))
+    out = profile_texts(batch, profile, encoder)  # text, label features and hash per user
     return _timed(out, "profile", time.perf_counter() - t)
 
 
@@ -123,18 +120,21 @@ class Plan:
 class EmbedChanged:
     """Encoder actor: embeds only the users that need a new adapter."""
 
-    def __init__(self, encoder: str):
-        self.encoder = ProfileEncoder(encoder)
+    def __init__(self, encoder: str, profile: dict):
+        self.embedder = ProfileEmbedder(encoder, profile)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t = time.perf_counter()
         todo = [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "todo"]
         texts = batch.column("profile_text").to_pylist()
-        emb = self.encoder.encode([texts[i] for i in todo])
+        features = batch.column("features").to_pylist()
+        hashes = batch.column("profile_hash").to_pylist()
+        emb = self.embedder.embed([Profile(texts[i], np.asarray(features[i], np.float32), hashes[i]) for i in todo])
         column: list = [None] * len(batch)
         for j, i in enumerate(todo):
             column[i] = emb[j].tolist()
-        out = batch.drop_columns(["profile_text"]).append_column("embedding", pa.array(column, pa.list_(pa.float32())))
+        out = batch.drop_columns(["profile_text", "features"]).append_column("embedding",
+                                                                             pa.array(column, pa.list_(pa.float32())))
         return _timed(out, "embed", time.perf_counter() - t)
 
 
@@ -213,13 +213,14 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
     ensure_ray()
     previous_ref = [ray.put(previous)] if previous is not None and len(previous) else []
     ds = ray.data.read_parquet(users, include_paths=True, filesystem=_arrow_fs(users))
-    ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder_id": hconf.encoder},
+    ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder},
                         batch_format="pyarrow", batch_size=config.batch_size)
     ds = ds.map_batches(Plan, fn_constructor_kwargs={"store": config.store, "hypernet_id": hypernet_id,
                                                      "run_id": run_id, "previous": previous_ref, "resuming": resuming},
                         batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=1),
                         **store_remote_args())
-    ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder}, batch_format="pyarrow",
+    ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},
+                        batch_format="pyarrow",
                         batch_size=config.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
     ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={"store": config.store, "hypernet_id": hypernet_id,
                                                                  "run_id": run_id},

@@ -31,10 +31,8 @@ from ray import serve
 from p2p.adapted_model import AdaptedModel
 from p2p.data.schemas import DataError, validate
 from p2p.errors import P2PError
-from p2p.generate import adapter_files, generate_user_adapters
 from p2p.lora import adapter_from_files
 from p2p.models import chat_prompt, load_base_model
-from p2p.profile import ProfileConfig, build_profile, profile_hash
 from p2p.store import AdapterNotFound, AdapterStore, StoreError
 
 log = logging.getLogger("ray.serve")
@@ -112,7 +110,7 @@ class P2PServer:
         self.model = model
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.unknown_user, self.recheck_s = unknown_user, recheck_s
-        self.encoder = None  # loaded on the first on-demand adapter
+        self.personalizer = None  # loaded on the first on-demand adapter (it loads the encoder)
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "forward_passes": 0, "adapter_loads": 0}
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
@@ -260,19 +258,18 @@ class P2PServer:
         return {"user_id": user_id, "adapter": record, "seconds": seconds}
 
     def _personalize(self, user_id: str, history: list[dict]) -> tuple[dict, dict]:
-        from p2p.encoder import ProfileEncoder
+        from p2p.personalizer import Personalizer
 
-        c = self.hypernet.config
         t0 = time.perf_counter()
-        if self.encoder is None:
-            self.encoder = ProfileEncoder(c.encoder)
-        text = build_profile(history, ProfileConfig(**c.profile))
-        emb = self.encoder.encode([text])
+        if self.personalizer is None:
+            self.personalizer = Personalizer(self.hypernet, self.hypernet_id)
+        [profile] = self.personalizer.embedder.profiles([history])
+        emb = self.personalizer.embedder.embed([profile])
         t1 = time.perf_counter()
-        [adapter] = generate_user_adapters(self.hypernet, emb)
-        files = adapter_files(self.hypernet, self.hypernet_id, adapter)
+        [adapter] = self.personalizer.from_embeddings(emb)
+        files = self.personalizer.files(adapter)
         t2 = time.perf_counter()
-        record = self.store.write_on_demand(self.hypernet_id, user_id, files, profile_hash(text, c.encoder), emb[0])
+        record = self.store.write_on_demand(self.hypernet_id, user_id, files, profile.hash, emb[0])
         t3 = time.perf_counter()
         return record, {"profile_and_embed": t1 - t0, "generate": t2 - t1, "store": t3 - t2}
 

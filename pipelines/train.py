@@ -1,12 +1,13 @@
 """`p2p train`: the hypernetwork trained with Ray Train + DeepSpeed ZeRO, data from Ray Data.
 
-The driver reads `examples` and `profiles` with Ray Data, joins them so every example carries
-its user's embedding, and hands train/val datasets to a TorchTrainer. Each worker wraps the
-hypernetwork (the only trainable module) in a DeepSpeed engine with the configured ZeRO stage
-(gloo on CPU, nccl on GPU), streams its shard, and runs `p2p.training`'s step. Every
-`eval_every` steps all workers compute the val loss on their val shard (all-reduced) and rank 0
-reports a checkpoint; after a worker failure Ray restarts the group and training resumes from
-the latest checkpoint's step.
+The driver reads `examples` with Ray Data, gives every example its user's embedding (the
+profiles, broadcast), computes the training users' embedding statistics (the hypernet
+standardizes its inputs with them) and hands train/val datasets to a TorchTrainer. Each worker
+(`HypernetTrainRecipe`) wraps the hypernetwork (the only trainable module) in a DeepSpeed engine
+with the configured ZeRO stage (gloo on CPU, nccl on GPU), reads its shard once, and runs
+`p2p.training`'s step epoch after epoch. Every `eval_every` steps all workers compute the
+task-balanced val loss on their val shard (all-reduced) and rank 0 reports a checkpoint; after a
+worker failure Ray restarts the group and training resumes from the latest checkpoint's step.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -40,6 +43,7 @@ def _ds_config(config: TrainConfig) -> dict:
         "gradient_clipping": config.grad_clip,
         "zero_optimization": {"stage": config.zero_stage},
         "bf16": {"enabled": config.bf16},
+        "fp16": {"enabled": config.fp16, "initial_scale_power": 12},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -47,134 +51,194 @@ def _ds_config(config: TrainConfig) -> dict:
 
 def _rows(batch: dict) -> list[dict]:
     n = len(batch["example_id"])
-    return [{k: batch[k][i] for k in ("example_id", "user_id", "input", "target", "embedding")} for i in range(n)]
+    keys = ("example_id", "user_id", "task", "input", "target", "embedding")
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import deepspeed
-    import torch
-    import torch.distributed as dist
+class HypernetTrainRecipe:
+    """One Ray Train worker, in torchtune's recipe shape: named setup steps, restore, evaluate, save, train.
 
-    from p2p.hypernet import Hypernetwork
-    from p2p.models import load_base_model
-    from p2p.training import AdapterLM, collate, hypernet_config_for, lr_lambda
+    The loss, the validation metric and the checkpoint format are the library's (`p2p.training`);
+    this class adds what distribution needs: the DeepSpeed engine, this worker's shard, all-reduced
+    validation, and Ray checkpoints with the step and best metric for resuming.
 
-    # A C++ op for CPU shared-memory comms that we don't use: skip its 50-115 s build.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    config = config_from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_base_model(config.base)
-    if config.use_gpu:
-        model = model.to(ray.train.torch.get_device())
-    hconfig = hypernet_config_for(config, model, loop_config["embed_dim"])
-    hypernet = Hypernetwork(hconfig)
+    Each worker reads its training shard once into memory and then shuffles it per epoch itself:
+    the frozen-prefix cache only pays off when the same examples come back to the same worker,
+    and Ray Data's streaming split does not promise that from one epoch to the next.
+    """
 
-    start_step, best = 0, float("inf")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    def __init__(self, loop_config: dict):
+        self.loop_config = loop_config
+        self.config: TrainConfig = config_from_dict(loop_config["config"])
+        self.start_step, self.best = 0, float("inf")
+
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_model()
+        self._restore()
+        self._setup_engine()
+        self._setup_data()
+
+    def _setup_distributed(self) -> None:
+        import deepspeed
+
+        # A C++ op for CPU shared-memory comms that we don't use: skip its 50-115 s build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(self.config.seed)
+
+    def _setup_model(self) -> None:
+        from p2p.adapted_model import AdaptedModel
+        from p2p.hypernet import Hypernetwork
+        from p2p.models import load_base_model
+        from p2p.prompting import PromptFormat
+        from p2p.training import AdapterLM, hypernet_config_for
+
+        c = self.config
+        model, tokenizer = load_base_model(c.base)
+        if c.use_gpu:
+            model = model.to(ray.train.torch.get_device())
+        self.hypernet = Hypernetwork(hypernet_config_for(c, model, self.loop_config["embed_dim"]))
+        stats = self.loop_config["input_stats"]
+        self.hypernet.set_input_stats(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+        self.lm = AdapterLM(AdaptedModel(model, tokenizer, self.hypernet.config), c.cache_prefix, c.cache_max_bytes)
+        self.fmt = PromptFormat(tokenizer)
+
+    def _restore(self) -> None:
         from safetensors.torch import load_file
 
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return
         with checkpoint.as_directory() as d:
-            hypernet.load_state_dict(load_file(os.path.join(d, "hypernet", "model.safetensors")))
+            self.hypernet.load_state_dict(load_file(os.path.join(d, "hypernet", "model.safetensors")))
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
-        start_step, best = state["step"], state.get("best_val_loss", float("inf"))
-        if rank == 0:
-            print(f"[p2p train] resumed from step {start_step}", flush=True)
+        self.start_step, self.best = state["step"], state.get("best_val_loss", float("inf"))
+        if self.rank == 0:
+            print(f"[p2p train] resumed from step {self.start_step}", flush=True)
 
-    schedule = lr_lambda(config)
-    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s + start_step))
-    engine, _, _, _ = deepspeed.initialize(
-        model=hypernet, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(config)
-    )
-    lm = AdapterLM(model, hconfig, config.cache_prefix)
-    device = engine.device
+    def _setup_engine(self) -> None:
+        import deepspeed
 
-    def to_device(batch):
-        return dataclasses.replace(
-            batch, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-            labels=batch.labels.to(device), embeddings=batch.embeddings.to(device),
-            row_index=batch.row_index.to(device),
-        )
+        from p2p.training import lr_lambda
 
-    # The first val_examples / world rows of this worker's val shard; the shard is read to its
-    # end (stopping a streaming read early makes Ray Data cancel tasks noisily).
-    val_rows: list[dict] = []
-    for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="numpy"):
-        val_rows.extend(_rows(b)[: max(0, -(-config.val_examples // world) - len(val_rows))])
-    val_batches = [to_device(collate(val_rows[i : i + config.batch_size], tokenizer, config.max_seq_len))
-                   for i in range(0, len(val_rows), config.batch_size)]
+        c = self.config
+        schedule = lr_lambda(c)
+        optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s + self.start_step))
+        self.engine, _, _, _ = deepspeed.initialize(model=self.hypernet, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=_ds_config(c))
+        self.device = self.engine.device
 
-    def all_sum(*values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if world > 1:
+    def _read_shard(self, name: str) -> list[dict]:
+        rows: list[dict] = []
+        for b in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
+            rows.extend(_rows(b))
+        if self.config.control == "shared":  # the non-personalized control: one embedding for everyone
+            from p2p.training import as_shared_control
+
+            rows = as_shared_control(rows, self.hypernet.shared_embedding().numpy())
+        return rows
+
+    def _setup_data(self) -> None:
+        from p2p.training import batches_of, val_rows_sample
+
+        c = self.config
+        self.train_rows = self._read_shard("train")
+        # This worker's share of the val examples; the shard is read to its end (stopping a
+        # streaming read early makes Ray Data cancel tasks noisily).
+        val_rows = val_rows_sample(self._read_shard("val"), -(-c.val_examples // self.world))
+        self.val_batches = [b.to(self.device) for b in batches_of(val_rows, c.batch_size, self.fmt, c.max_seq_len)]
+
+    def all_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum a dict of floats over workers (every worker must pass the same keys, in any order)."""
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        if self.world > 1:
             dist.all_reduce(t)
-        return t.tolist()
+        return dict(zip(keys, t.tolist(), strict=True))
 
-    def evaluate() -> float | None:
-        engine.eval()
-        total = tokens = 0.0
-        with torch.no_grad():
-            for b in val_batches:
-                _, ce = lm.loss(engine, b, config)
-                total += float(ce) * b.target_tokens
-                tokens += b.target_tokens
-        total, tokens = all_sum(total, tokens)
-        engine.train()
-        return total / tokens if tokens else None
+    def evaluate(self) -> dict[str, float]:
+        from p2p.training import val_metrics, val_sums
 
-    def save(step: int, metrics: dict) -> ray.train.Checkpoint | None:
-        params = list(hypernet.parameters())
-        gather = deepspeed.zero.GatheredParameters(params) if config.zero_stage == 3 else contextlib.nullcontext()
+        self.engine.eval()
+        sums = val_sums(self.lm, self.engine, self.val_batches, self.config.label_smoothing)
+        # Workers may hold different tasks: agree on the key set first, then sum.
+        tasks = self._all_tasks({k.rsplit("/", 1)[0] for k in sums})
+        sums = self.all_sum({f"{t}/{part}": sums.get(f"{t}/{part}", 0.0) for t in tasks for part in ("sum", "n")})
+        self.engine.train()
+        return val_metrics({k: v for k, v in sums.items() if not (k.endswith("/sum") and sums[k[:-4] + "/n"] == 0)})
+
+    def _all_tasks(self, mine: set[str]) -> list[str]:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return sorted(mine)
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, sorted(mine))
+        return sorted({t for part in gathered for t in part})
+
+    def save(self, step: int, metrics: dict) -> ray.train.Checkpoint | None:
+        import deepspeed
+
+        from p2p.hypernet import save_hypernet
+
+        params = list(self.hypernet.parameters())
+        gather = deepspeed.zero.GatheredParameters(params) if self.config.zero_stage == 3 else contextlib.nullcontext()
         with gather:  # every rank joins the gather under ZeRO-3; rank 0 writes
-            if rank != 0:
+            if self.rank != 0:
                 return None
-            from p2p.hypernet import save_hypernet
-
-            hypernet.config.extra.update({"step": step, "val_loss": metrics.get("val_loss")})
+            self.hypernet.config.extra.update({"step": step, **{k: v for k, v in metrics.items()
+                                                                 if k.startswith("val_")}})
             tmp = tempfile.mkdtemp(prefix="p2p-ckpt-")
-            save_hypernet(hypernet, os.path.join(tmp, "hypernet"))
+            save_hypernet(self.hypernet, os.path.join(tmp, "hypernet"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"step": step, "best_val_loss": best, **metrics}, f)
+            json.dump({"step": step, "best_val_loss": self.best, **metrics}, f)
         return ray.train.Checkpoint.from_directory(tmp)
 
-    step, epoch, t0, seen = start_step, 0, time.perf_counter(), 0
-    loss_sum = loss_n = 0.0
-    shard = ray.train.get_dataset_shard("train")
-    engine.train()
-    while step < config.max_steps:
-        for raw in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy", drop_last=True,
-                                      local_shuffle_buffer_size=config.batch_size * 16,
-                                      local_shuffle_seed=config.seed + epoch + step):
-            batch = to_device(collate(_rows(raw), tokenizer, config.max_seq_len))
-            loss, _ = lm.loss(engine, batch, config)
-            engine.backward(loss)
-            engine.step()
+    def train(self) -> None:
+        from p2p.training import collate, epochs
+
+        c = self.config
+        step, t0, seen, loss_sum, loss_n = self.start_step, time.perf_counter(), 0, 0.0, 0
+        batches = epochs(self.train_rows, c.batch_size, c.seed + 1000 * self.rank + self.start_step)
+        encoded: dict[str, tuple] = {}
+        self.engine.train()
+        while step < c.max_steps:
+            batch = collate(next(batches), self.fmt, c.max_seq_len, encoded).to(self.device)
+            loss, _ = self.lm.loss(self.engine, batch, c)
+            self.engine.backward(loss)
+            self.engine.step()
             step += 1
             seen += len(batch.example_ids)
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            is_eval = step % config.eval_every == 0 or step == config.max_steps
-            if is_eval or step % config.log_every == 0:
-                total_loss, total_n, total_seen = all_sum(loss_sum, loss_n, seen)
-                metrics = {"step": step, "loss": total_loss / total_n, "resumed_from": start_step,
-                           "examples_per_s": total_seen / (time.perf_counter() - t0),
-                           "lr": engine.get_lr()[0], "epoch": epoch}
-                loss_sum = loss_n = 0.0
-                ckpt = None
-                if is_eval:
-                    metrics["val_loss"] = evaluate()
-                    if metrics["val_loss"] is not None and metrics["val_loss"] < best:
-                        best = metrics["val_loss"]
-                    ckpt = save(step, metrics)
-                ray.train.report(metrics, checkpoint=ckpt)
-                if ckpt is not None:
-                    shutil.rmtree(ckpt.path, ignore_errors=True)
-            if step >= config.max_steps:
-                break
-        epoch += 1
+            is_eval = step % c.eval_every == 0 or step == c.max_steps
+            if not (is_eval or step % c.log_every == 0):
+                continue
+            totals = self.all_sum({"loss": loss_sum, "n": loss_n, "seen": seen})
+            metrics = {"step": step, "loss": totals["loss"] / totals["n"], "resumed_from": self.start_step,
+                       "examples_per_s": totals["seen"] / (time.perf_counter() - t0), "lr": self.engine.get_lr()[0],
+                       "epoch": step * c.batch_size / max(len(self.train_rows), 1)}
+            loss_sum = loss_n = 0
+            ckpt = None
+            if is_eval:
+                metrics.update(self.evaluate())
+                if metrics.get("val_loss") is not None and metrics["val_loss"] < self.best:
+                    self.best = metrics["val_loss"]
+                ckpt = self.save(step, metrics)
+            ray.train.report(metrics, checkpoint=ckpt)
+            if ckpt is not None:
+                shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    recipe = HypernetTrainRecipe(loop_config)
+    recipe.setup()
+    recipe.train()
 
 
 class ProgressLog(ray.train.UserCallback):
@@ -217,18 +281,14 @@ def _cached_get(ref: ray.ObjectRef) -> pa.Table:
     return _PROFILES_CACHE[key]
 
 
-def training_datasets(data: str, profiles: str, config: TrainConfig) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def training_datasets(data: str, profiles: pa.Table, config: TrainConfig) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """examples with each row carrying its user's embedding.
 
-    The profiles (user id + embedding: ~1.5 KB a user) are broadcast through the object store
-    and looked up per block: no shuffle, and every epoch re-streams the examples cheaply.
-    Ray Data's hash `Dataset.join` is the alternative past ~10M users; on small clusters its
-    shuffle actors cost a minute per epoch.
+    The profiles (user id + embedding: ~1.5-2.5 KB a user) are broadcast through the object store
+    and looked up per block: no shuffle. Ray Data's hash `Dataset.join` is the alternative past
+    ~10M users; on small clusters its shuffle actors cost a minute per pass.
     """
-    from p2p.data.schemas import read_table
-
-    table = read_table(profiles, "profiles").select(["user_id", "embedding"])
-    ref = ray.put(table)
+    ref = ray.put(profiles)
     examples = ray.data.read_parquet(os.path.join(data, "examples"),
                                      columns=["example_id", "user_id", "task", "input", "target", "split"])
 
@@ -239,12 +299,28 @@ def training_datasets(data: str, profiles: str, config: TrainConfig) -> tuple[ra
     return split("train"), split("val")
 
 
+def train_input_stats(profiles: pa.Table, data: str, tasks: list[str] | None) -> dict[str, list[float]]:
+    """Mean and std of the training users' embeddings: the hypernet standardizes its inputs with them."""
+    from p2p.data.schemas import read_table
+
+    ex = read_table(os.path.join(data, "examples"), "examples").select(["user_id", "split", "task"])
+    mask = pc.equal(ex.column("split"), "train")
+    if tasks:
+        mask = pc.and_(mask, pc.is_in(ex.column("task"), value_set=pa.array(tasks)))
+    users = pc.unique(ex.filter(mask).column("user_id"))
+    if not len(users):
+        raise P2PError(f"{data}/examples: no training examples" + (f" for tasks {tasks}" if tasks else ""))
+    rows = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=users))
+    emb = np.asarray(rows.column("embedding").combine_chunks().flatten(), np.float32).reshape(len(rows), -1)
+    return {"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist()}
+
+
 def run_training(config: TrainConfig, data: str, out: str, profiles: str | None = None,
                  log=print) -> dict:
     """Train and write OUT/latest and OUT/best (hypernet checkpoint folders); return a summary."""
-    import pyarrow.parquet as pq
-
-    from p2p.data.schemas import check_schemas, parquet_files
+    from p2p.data.schemas import check_schemas, read_table
+    from p2p.personalizer import embedder_id
+    from p2p.profile import ProfileConfig
 
     ensure_ray()
     out = os.path.abspath(out)
@@ -252,17 +328,20 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     with open(os.path.join(out, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
     profiles = profiles or _profiles_for(data, out, config, log)
-    fs, files = parquet_files(profiles)
-    schema = pq.read_schema(files[0], filesystem=fs)
-    embed_dim = schema.field("embedding").type.list_size
-    encoder = pq.read_table(files[0], filesystem=fs, columns=["encoder"]).column("encoder")[0].as_py()
-    if encoder != config.encoder:
-        raise P2PError(f"{profiles}: embedded with encoder {encoder!r} but the config says {config.encoder!r}")
+    table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"])
+    expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
+    made_by = table.column("encoder")[0].as_py() if len(table) else expected
+    if made_by != expected:
+        raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
+                       f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
+    table = table.select(["user_id", "embedding"])
+    embed_dim = table.schema.field("embedding").type.list_size
     check_schemas(os.path.join(data, "examples"), "examples")
-    train_ds, val_ds = training_datasets(data, profiles, config)
+    stats = train_input_stats(table, data, config.tasks)
+    train_ds, val_ds = training_datasets(data, table, config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "embed_dim": embed_dim},
+        train_loop_config={"config": dataclasses.asdict(config), "embed_dim": embed_dim, "input_stats": stats},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
@@ -284,11 +363,26 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss") or float("inf"))
     _export(best[0], os.path.join(out, "best"))
     summary = {"steps": result.metrics.get("step"), "val_loss": result.metrics.get("val_loss"),
-               "best_val_loss": best[1].get("val_loss"), "seconds": time.perf_counter() - t0,
+               "best_val_loss": best[1].get("val_loss"), "best_step": best[1].get("step"),
+               "seconds": time.perf_counter() - t0, "control": config.control,
                "latest": os.path.join(out, "latest"), "best": os.path.join(out, "best")}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+SHARED_DIR = "shared"
+
+
+def run_training_with_shared(config: TrainConfig, data: str, out: str, log=print) -> tuple[dict, dict]:
+    """P2P into OUT, then the `shared` control (same config, same budget, one embedding for all) into
+    OUT/shared, where `p2p eval` finds it. Both use the same profiles."""
+    summary = run_training(config, data, out, log=log)
+    profiles = os.path.join(data, "profiles")
+    profiles = profiles if os.path.isdir(profiles) else os.path.join(os.path.abspath(out), "profiles")
+    shared = run_training(dataclasses.replace(config, control="shared"), data, os.path.join(out, SHARED_DIR),
+                          profiles=profiles, log=log)
+    return summary, shared
 
 
 def _export(checkpoint: ray.train.Checkpoint, dest: str) -> None:
@@ -307,6 +401,5 @@ def _profiles_for(data: str, out: str, config: TrainConfig, log) -> str:
     dest = os.path.join(out, "profiles")
     if not os.path.isdir(dest):
         log(f"[p2p train] no {existing}; building profiles into {dest}")
-        run_profiles(os.path.join(data, "users"), dest, config.encoder,
-                     {"top_k": config.profile_top_k, "max_chars": config.profile_max_chars})
+        run_profiles(os.path.join(data, "users"), dest, config.encoder, config.profile_config())
     return dest

@@ -74,7 +74,8 @@ def test_smollm2_step0_peft_equality_and_paper_preset(tmp_path):
     with torch.no_grad():
         reference = base(**inputs).logits
         with adapters_applied(model, hypernet(emb), config.layers, config.scale):
-            assert torch.equal(model(**inputs).logits, reference)  # step 0: dW = 0
+            # step 0: dW ~ 0 (small random heads), even on all 30 layers with rsLoRA's larger scale
+            assert (model(**inputs).logits - reference).abs().max() < 0.05
         for p in hypernet.parameters():  # adapters that move logits by a few units, as trained ones do
             p.add_(torch.randn_like(p) * 0.001)
         with adapters_applied(model, hypernet(emb), config.layers, config.scale):

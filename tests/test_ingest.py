@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from p2p.data.schemas import read_table
-from p2p.encoder import ProfileEncoder
 from p2p.errors import P2PError
+from p2p.personalizer import ProfileEmbedder
 from p2p.pipeline_local import build_profiles
 from p2p.profile import ProfileConfig
 
@@ -15,10 +15,13 @@ from p2p.profile import ProfileConfig
 def test_profiles_job_matches_local_build(ray_cluster, synth_dir, tmp_path):
     from pipelines.ingest import run_profiles
 
-    n = run_profiles(f"{synth_dir}/users", str(tmp_path / "profiles"), "hashing", actors=2)
+    profile = {"max_chars": 900, "features": 16}  # text embedding + label statistics
+    n = run_profiles(f"{synth_dir}/users", str(tmp_path / "profiles"), "hashing", profile, actors=2)
     got = read_table(str(tmp_path / "profiles"), "profiles").sort_by("user_id")
-    want = build_profiles(synth_dir, ProfileEncoder("hashing"), ProfileConfig()).sort_by("user_id")
+    want = build_profiles(synth_dir, ProfileEmbedder("hashing", ProfileConfig(**profile))).sort_by("user_id")
     assert n == got.num_rows == want.num_rows == 120
+    assert got.column("encoder")[0].as_py() == "hashing|max_chars=900,features=16"
+    assert len(got.column("embedding")[0]) == 384 + 16
     assert got.column("profile_hash").equals(want.column("profile_hash"))
     np.testing.assert_array_equal(np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
                                   np.stack(want.column("embedding").to_numpy(zero_copy_only=False)))

@@ -6,6 +6,7 @@ including when training used rsLoRA scaling.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -47,15 +48,34 @@ def base_logits(tiny, inputs):
         return tiny[0](**inputs).logits
 
 
-def test_step0_any_profile_gives_base_logits(tiny):
+def test_step0_adapters_are_near_zero_and_exactly_zero_with_zero_heads(tiny):
     model, hypernet = setup(tiny)
     inputs = batch(tiny[1])
     emb = torch.nn.functional.normalize(torch.randn(4, 384), dim=-1)
+    base = base_logits(tiny, inputs)
     with torch.no_grad(), adapters_applied(model, hypernet(emb), hypernet.config.layers, hypernet.config.scale):
         logits = model(**inputs).logits
-    assert torch.equal(logits, base_logits(tiny, inputs))
+    # Small random heads: dW ~ 0, a hundred times smaller than what a trained adapter does to logits.
+    assert 0 < (logits - base).abs().max() < 0.05
     for a, b in hypernet(emb).values():
-        assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0  # PEFT init: B = 0, A Kaiming
+        assert b.abs().max() < 1e-2 and torch.count_nonzero(a) > 0  # PEFT init: B ~ 0, A Kaiming
+    # With zero heads (how checkpoints before this init were made) every adapter is exactly dW = 0.
+    zero = Hypernetwork(dataclasses.replace(hypernet.config, head_init_std=0.0))
+    with torch.no_grad(), adapters_applied(model, zero(emb), hypernet.config.layers, hypernet.config.scale):
+        assert torch.equal(model(**inputs).logits, base)
+
+
+def test_user_pathway_gets_gradient_at_step0(tiny):
+    model, hypernet = setup(tiny)
+    inputs = batch(tiny[1])
+    hypernet.set_input_stats(torch.zeros(384), torch.ones(384))
+    emb = torch.randn(4, 384)
+    generated = hypernet(emb)
+    with adapters_applied(model, generated, hypernet.config.layers, hypernet.config.scale):
+        logits = model(**inputs).logits
+    logits.float().pow(2).mean().backward()
+    assert hypernet.user_proj.weight.grad.abs().sum() > 0
+    assert all(b.fc1.weight.grad.abs().sum() > 0 for b in hypernet.blocks)
 
 
 def test_without_adapters_wrapped_model_is_bit_identical(tiny):

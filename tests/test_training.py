@@ -15,18 +15,19 @@ import torch
 from p2p.config import TrainConfig, config_from_dict, load_config
 from p2p.data.schemas import read_table
 from p2p.data.synthetic import write_synthetic
-from p2p.encoder import ProfileEncoder
 from p2p.errors import P2PError
 from p2p.generate import generate_user_adapters
 from p2p.hypernet import load_hypernet
 from p2p.lora import load_peft
+from p2p.personalizer import ProfileEmbedder
 from p2p.pipeline_local import build_profiles, examples_with_embeddings
 from p2p.profile import ProfileConfig
 from p2p.training import train_local
 from p2p.userkey import user_key
 
 TINY = dict(base="tiny-random", encoder="hashing", batch_size=8, lr=1e-3, warmup_steps=3, log_every=5,
-            val_examples=16, max_failures=0)
+            val_examples=16, max_failures=0, profile_features=16)
+DIM = 384 + 16  # hashing encoder + label statistics
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def data(tmp_path_factory):
     """Tag-only synthetic users with their profiles written next to them (DATA/profiles)."""
     out = str(tmp_path_factory.mktemp("train-data"))
     write_synthetic(out, 60, seed=11, tasks=("tag",))
-    profiles = build_profiles(out, ProfileEncoder("hashing"), ProfileConfig())
+    profiles = build_profiles(out, ProfileEmbedder("hashing", ProfileConfig(**TrainConfig(**TINY).profile_config())))
     os.makedirs(f"{out}/profiles")
     pq.write_table(profiles, f"{out}/profiles/part-0.parquet")
     return out
@@ -71,23 +72,60 @@ def local_rows(data):
             examples_with_embeddings(data, profiles, ("val",)))
 
 
-def test_prefix_cache_gives_the_same_losses(tiny, data):
+def test_prefix_cache_is_exact_over_several_epochs_and_mixed_batches(tiny, data):
+    # 12 examples in batches of 8: from the second epoch on, batches mix cached and new rows.
     train, val = local_rows(data)
     runs = []
     for cache in (True, False):
-        cfg = TrainConfig(**TINY, max_steps=4, eval_every=4, top_k_layers=2, cache_prefix=cache)
-        runs.append(train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train, val, 384, log=lambda s: None))
+        cfg = TrainConfig(**TINY, max_steps=6, eval_every=3, top_k_layers=2, cache_prefix=cache)
+        runs.append(train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:12], val, DIM, log=lambda s: None))
     losses = [[r["loss"] for r in run["history"]] for run in runs]
     assert losses[0] == losses[1]  # bit for bit
-    assert runs[0]["history"][-1]["val_loss"] == runs[1]["history"][-1]["val_loss"]
+    vals = [[r["val_loss"] for r in run["history"] if "val_loss" in r] for run in runs]
+    assert vals[0] == pytest.approx(vals[1], rel=1e-6)  # float32 rounding at most
+    cache = runs[0]["lm"].cache
+    assert cache.misses == 12 + 16  # each train example once, each val example once (two evaluations)
+    assert cache.hits == 6 * 8 - 12 + 16  # every later use came from the cache
+    assert runs[1]["lm"].cache is None
+
+
+def test_prefix_cache_respects_its_memory_bound(tiny, data):
+    train, val = local_rows(data)
+    results = []
+    for max_bytes in (1 << 30, 40_000):  # the second holds a few rows; the rest are recomputed
+        cfg = TrainConfig(**TINY, max_steps=4, eval_every=4, top_k_layers=2, cache_max_bytes=max_bytes)
+        results.append(train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:12], val, DIM, log=lambda s: None))
+    small = results[1]["lm"].cache
+    assert 0 < small.bytes <= 40_000 and len(small.states) < 12
+    assert [r["loss"] for r in results[0]["history"]] == [r["loss"] for r in results[1]["history"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_hypernet_trains_on_fp32_inputs(tiny, data, dtype):
+    """DeepSpeed casts the hypernet to bf16/fp16 and (for bf16) leaves the fp32 embeddings as they are."""
+    from p2p.adapted_model import AdaptedModel
+    from p2p.prompting import PromptFormat
+    from p2p.training import AdapterLM, collate, prepare_hypernet
+
+    train, _ = local_rows(data)
+    cfg = TrainConfig(**TINY)
+    model = copy.deepcopy(tiny[0])
+    hypernet = prepare_hypernet(cfg, model, DIM, train).to(dtype)
+    lm = AdapterLM(AdaptedModel(model, tiny[1], hypernet.config))
+    batch = collate(train[:4], PromptFormat(tiny[1]), cfg.max_seq_len)
+    assert batch.embeddings.dtype == torch.float32
+    loss, _ = lm.loss(hypernet, batch, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and hypernet.user_proj.weight.grad.dtype == dtype
+    assert torch.isfinite(hypernet.user_proj.weight.grad.float()).all()
 
 
 def test_local_loop_learns_and_keeps_best(tiny, data, tmp_path):
     # Overfit one fixed batch: a systematic fall the tiny model reaches on any CPU (it settles near
-    # 0.63 x the start at learning rates from 2e-4 to 5e-4), not a thin margin on a noisy curve.
+    # 0.65 x the start at learning rates from 1e-3 to 3e-3), not a thin margin on a noisy curve.
     train, val = local_rows(data)
-    cfg = TrainConfig(**{**TINY, "lr": 3e-4}, max_steps=60, eval_every=20)
-    out = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:8], val, 384, run_dir=str(tmp_path),
+    cfg = TrainConfig(**{**TINY, "lr": 1e-3}, max_steps=60, eval_every=20)
+    out = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:8], val, DIM, run_dir=str(tmp_path),
                       log=lambda s: None)
     losses = [r["loss"] for r in out["history"]]
     assert sum(losses[-10:]) / 10 < 0.75 * losses[0]
@@ -125,10 +163,10 @@ def test_ray_zero2_two_workers_learns_and_checkpoint_generates(ray_cluster, data
     # 16 fixed examples, 2 steps an epoch per worker: the loss falls by a wide margin on any CPU.
     small = few_train_users(data, tmp_path / "data", 4)
     summary = train({"workers": 2, "zero_stage": 2, "max_steps": 40, "eval_every": 20, "batch_size": 4,
-                     "lr": 3e-4}, small, tmp_path / "run")
+                     "lr": 1e-3}, small, tmp_path / "run")
     m = metrics(tmp_path / "run")
     assert [r["step"] for r in m] == list(range(5, 41, 5))
-    assert m[-1]["loss"] < 0.85 * m[0]["loss"]
+    assert m[-1]["loss"] < 0.9 * m[0]["loss"]  # ~0.8 here: a fall of a nat or more, step after step
     assert summary["steps"] == 40 and os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
     hypernet, hid = load_hypernet(str(tmp_path / "run" / "latest"))
     assert hypernet.config.extra["step"] == 40
@@ -162,7 +200,7 @@ def test_ray_zero0_single_worker_first_loss_equals_local(ray_cluster, tiny, data
     assert len(train_rows) == 8
     cfg = {"workers": 1, "zero_stage": 0, "max_steps": 1, "eval_every": 1, "log_every": 1}
     local = train_local(config_from_dict({**TINY, **cfg}), copy.deepcopy(tiny[0]), tiny[1], train_rows, val_rows,
-                        384, log=lambda s: None)
+                        DIM, log=lambda s: None)
     train(cfg, small, tmp_path / "run")
     ray_loss = metrics(tmp_path / "run")[0]["loss"]
     assert ray_loss == pytest.approx(local["history"][0]["loss"], rel=1e-6, abs=1e-6)

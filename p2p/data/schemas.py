@@ -48,6 +48,18 @@ EXAMPLES = pa.schema(
 
 SPLITS = ("train", "val", "test_id", "test_ood")
 
+# Per example, what a data set knows beyond its target (the synthetic benchmark writes it):
+# the input-only rule's key and answer (null: majority target among training examples of that
+# key) and the answer that knows the hidden persona (the ceiling).
+REFERENCE = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("rule_key", pa.string()),
+        pa.field("rule", pa.string()),
+        pa.field("ceiling", pa.string()),
+    ]
+)
+
 
 def profiles_schema(dim: int) -> pa.Schema:
     return pa.schema(
@@ -76,7 +88,7 @@ def manifest_schema(dim: int) -> pa.Schema:
     )
 
 
-KINDS = ("users", "examples", "profiles", "manifest")
+KINDS = ("users", "examples", "profiles", "manifest", "reference")
 _UNIQUE_USER = {"users", "profiles", "manifest"}
 
 
@@ -89,6 +101,8 @@ def expected_schema(kind: str, table: pa.Table | None = None) -> pa.Schema:
         return USERS
     if kind == "examples":
         return EXAMPLES
+    if kind == "reference":
+        return REFERENCE
     if kind in ("profiles", "manifest"):
         dim = 0
         if table is not None and "embedding" in table.column_names:
@@ -136,8 +150,9 @@ def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
         _check_history(table, source)
     if kind in _UNIQUE_USER:
         _check_unique(table, "user_id", source)
-    if kind == "examples":
+    if kind in ("examples", "reference"):
         _check_unique(table, "example_id", source)
+    if kind == "examples":
         _check_splits(table, source)
     return table
 

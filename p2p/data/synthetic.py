@@ -1,4 +1,4 @@
-"""A synthetic personalization benchmark where the profile is necessary and sufficient.
+"""A synthetic personalization benchmark where the profile is necessary and sufficient (version 2).
 
 Every user has hidden persona attributes; their history and their examples are generated from
 them, with noise. Three tasks, shaped like LaMP:
@@ -6,12 +6,22 @@ them, with noise. Three tasks, shaped like LaMP:
 - `tag` (LaMP-2): an item description -> one tag. Each genre has three candidate tags and each
   user privately prefers one per genre, so the input alone gives about 1/3; the user's history
   shows which tag they use for which genre.
-- `rate` (LaMP-3): a review -> a 1-5 score: the review's sentiment shifted by the user's strictness.
+- `rate` (LaMP-3): a review -> a 1-5 score: the review's sentiment shifted by the user's strictness,
+  and pushed to the ends of the scale (2 -> 1, 4 -> 5) by users who rate in extremes.
 - `headline` (LaMP-4/7): a news text -> a headline in the user's style (prefix word, casing,
-  closing punctuation).
+  closing mark). The style is the personal signal; the metric that sees it is the exact,
+  case-sensitive style match (`p2p.metrics.headline_style`).
 
-`test_ood` users have persona combinations that no other user has: the set of combinations is
-split by a seeded hash, so train/val/test_id users and test_ood users never share one.
+Out of distribution, per task: each task depends on a few persona attributes (tag: the six
+per-genre choices; rate: strictness and extremity; headline: prefix, casing and ending). For every
+task a seeded ~15% of the combinations of those values is reserved: `test_ood` users have a
+reserved combination for every task, all other users have none. An OOD user therefore needs, for
+each task, an adapter no training user needed (each single value was seen; the combination was
+not).
+
+Besides `users/` and `examples/`, the writer puts `reference/` (per example: the input-only
+rule's answer and the persona-known answer, the ceiling) and `synthetic.json` (version, seed,
+reserved combinations) next to them; evaluation reads them as data, not as code.
 
 Generation is chunked and each chunk has its own seeded RNG, so output is identical for a seed
 whatever the chunk size, and 1M users run in bounded memory.
@@ -19,7 +29,9 @@ whatever the chunk size, and 1M users run in bounded memory.
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -29,8 +41,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from p2p.data.schemas import EXAMPLES, USERS
+from p2p.data.schemas import EXAMPLES, REFERENCE, USERS
 
+VERSION = 2
 TASKS = ("tag", "rate", "headline")
 
 # genre -> three candidate tags (all 18 distinct). A user picks one per genre.
@@ -168,13 +181,19 @@ class Persona:
 
     tag_choice: tuple[int, ...]  # per genre, index into its three tags
     strictness: int  # -1 harsh, 0 neutral, +1 generous
+    extreme: bool  # rates in extremes: a 2 becomes 1, a 4 becomes 5
     prefix: int
     casing: int
     ending: int
     genre_weights: tuple[float, ...] = field(compare=False)
 
-    def combination(self) -> tuple:
-        return (self.tag_choice, self.strictness, self.prefix, self.casing, self.ending)
+    def task_key(self, task: str) -> tuple:
+        """The attribute values `task` depends on: what makes a user need a different adapter for it."""
+        if task == "tag":
+            return self.tag_choice
+        if task == "rate":
+            return (self.strictness, self.extreme)
+        return (self.prefix, self.casing, self.ending)
 
 
 @dataclass
@@ -183,28 +202,57 @@ class SyntheticUser:
     split: str
     persona: Persona
     history: list[dict]
-    examples: list[dict]  # each also carries "genre"/"sentiment" for rules measured in tests
+    examples: list[dict]  # each also carries "genre"/"sentiment"/"plain" for rules measured in tests
 
 
-def is_ood_combination(persona: Persona, seed: int) -> bool:
-    """About 1 in 10 persona combinations are reserved for `test_ood` users."""
-    key = f"{seed}:{persona.combination()}".encode()
-    return hashlib.sha256(key).digest()[0] % 10 == 0
+def task_combinations(task: str) -> list[tuple]:
+    if task == "tag":
+        return list(itertools.product(range(3), repeat=len(GENRES)))
+    if task == "rate":
+        return list(itertools.product((-1, 0, 1), (False, True)))
+    return list(itertools.product(range(len(HEADLINE_PREFIXES)), range(len(HEADLINE_CASINGS)),
+                                  range(len(HEADLINE_ENDINGS))))
 
 
-def _sample_persona(rng: random.Random) -> Persona:
+OOD_SHARE = 0.15
+
+
+@functools.cache
+def reserved_combinations(seed: int) -> dict[str, frozenset]:
+    """Per task, the combinations only `test_ood` users have (a seeded ~15%, at least one)."""
+    out = {}
+    for task in TASKS:
+        combos = task_combinations(task)
+        rng = random.Random(f"p2p-synth-ood:{seed}:{task}")
+        out[task] = frozenset(rng.sample(combos, max(1, round(OOD_SHARE * len(combos)))))
+    return out
+
+
+def is_ood(persona: Persona, task: str, seed: int) -> bool:
+    return persona.task_key(task) in reserved_combinations(seed)[task]
+
+
+def _sample_persona(rng: random.Random, ood: bool, seed: int, tasks: tuple[str, ...]) -> Persona:
+    """A persona whose every task's combination is reserved (ood) or none is (not ood)."""
     interests = rng.sample(range(len(GENRES)), 3)
     weights = [0.04] * len(GENRES)
     for g, w in zip(interests, (0.45, 0.3, 0.2), strict=True):
         weights[g] = w
-    return Persona(
-        tag_choice=tuple(rng.randrange(3) for _ in GENRES),
-        strictness=rng.choice((-1, 0, 1)),
-        prefix=rng.randrange(len(HEADLINE_PREFIXES)),
-        casing=rng.randrange(len(HEADLINE_CASINGS)),
-        ending=rng.randrange(len(HEADLINE_ENDINGS)),
-        genre_weights=tuple(weights),
-    )
+    reserved = reserved_combinations(seed)
+
+    def draw(task: str, sample) -> tuple:
+        while True:
+            key = sample()
+            if task not in tasks or (key in reserved[task]) == ood:
+                return key
+
+    tag = draw("tag", lambda: tuple(rng.randrange(3) for _ in GENRES))
+    strictness, extreme = draw("rate", lambda: (rng.choice((-1, 0, 1)), rng.random() < 0.5))
+    prefix, casing, ending = draw("headline", lambda: (rng.randrange(len(HEADLINE_PREFIXES)),
+                                                      rng.randrange(len(HEADLINE_CASINGS)),
+                                                      rng.randrange(len(HEADLINE_ENDINGS))))
+    return Persona(tag_choice=tag, strictness=strictness, extreme=extreme, prefix=prefix, casing=casing,
+                   ending=ending, genre_weights=tuple(weights))
 
 
 def _cap(s: str) -> str:
@@ -242,7 +290,8 @@ def user_tag(persona: Persona, genre: str) -> str:
 
 
 def user_score(persona: Persona, sentiment: int) -> int:
-    return min(5, max(1, sentiment + persona.strictness))
+    score = min(5, max(1, sentiment + persona.strictness))
+    return {2: 1, 4: 5}.get(score, score) if persona.extreme else score
 
 
 def review_text(rng: random.Random, sentiment: int) -> str:
@@ -286,22 +335,29 @@ def _noisy(rng: random.Random, p: float) -> bool:
     return rng.random() < p
 
 
-def _task_item(rng: random.Random, persona: Persona, task: str, noise: float) -> dict:
-    """One (text, answer) pair of `task` for this persona, with the facts rules may read."""
+def _task_item(rng: random.Random, persona: Persona, task: str, noise: float, genre: str | None = None) -> dict:
+    """One (text, answer) pair of `task` for this persona, with the facts rules may read.
+
+    `genre` fixes a tag item's genre (a query about a genre the user has watched); by default it
+    is drawn from the user's interests.
+    """
     if task == "tag":
-        genre = rng.choices(GENRES, weights=persona.genre_weights)[0]
+        genre = genre or rng.choices(GENRES, weights=persona.genre_weights)[0]
         label = user_tag(persona, genre)
         if _noisy(rng, noise):
             label = rng.choice([t for t in GENRE_TAGS[genre] if t != label])
-        return {"text": item_description(rng, genre), "label": label, "genre": genre}
+        return {"text": item_description(rng, genre), "label": label, "genre": genre,
+                "ceiling": user_tag(persona, genre)}
     if task == "rate":
         sentiment = rng.randint(1, 5)
         score = user_score(persona, sentiment)
         if _noisy(rng, noise):
             score = min(5, max(1, score + rng.choice((-1, 1))))
-        return {"text": review_text(rng, sentiment), "label": str(score), "sentiment": sentiment}
+        return {"text": review_text(rng, sentiment), "label": str(score), "sentiment": sentiment,
+                "ceiling": str(user_score(persona, sentiment))}
     text, plain = news_item(rng)
-    return {"text": text, "label": styled_headline(persona, plain)}
+    return {"text": text, "label": styled_headline(persona, plain), "plain": plain,
+            "ceiling": styled_headline(persona, plain)}
 
 
 def _sample_split(rng: random.Random) -> str:
@@ -325,43 +381,30 @@ def generate_chunk(
     """Users [chunk*chunk_size, ...): their own RNG, so chunks are independent and reproducible."""
     users = []
     for index in range(chunk * chunk_size, min(n_users, (chunk + 1) * chunk_size)):
-        rng = random.Random(f"p2p-synth:{seed}:{index}")
+        rng = random.Random(f"p2p-synth-v{VERSION}:{seed}:{index}")
         split = _sample_split(rng)
-        while True:
-            persona = _sample_persona(rng)
-            if is_ood_combination(persona, seed) == (split == "test_ood"):
-                break
+        persona = _sample_persona(rng, split == "test_ood", seed, tasks)
         user_id = f"u{index:07d}"
         n = _activity(rng)
         history, examples = [], []
         ts = TS_START + rng.randrange(86_400 * 365)
         for task in tasks:
+            genres = []
             for j in range(n):
                 item = _task_item(rng, persona, task, noise)
                 ts += rng.randrange(3_600, 86_400 * 7)
                 history.append({"item_id": f"{user_id}-{task}-{j}", "text": item["text"],
                                 "label": item["label"], "ts": ts})
+                genres.append(item.get("genre"))
             for j in range(examples_per_task):
-                item = _task_item(rng, persona, task, noise)
-                if task == "tag":
-                    # Users tag what they watch: the query's genre is one they have history in.
-                    genre = rng.choice(item_genres(history, task))
-                    label = user_tag(persona, genre)
-                    if _noisy(rng, noise):
-                        label = rng.choice([t for t in GENRE_TAGS[genre] if t != label])
-                    item = {"text": item_description(rng, genre), "label": label, "genre": genre}
+                # Users tag what they watch: a tag query's genre is one they have history in.
+                item = _task_item(rng, persona, task, noise, genre=rng.choice(genres) if task == "tag" else None)
                 examples.append({"example_id": f"{user_id}-{task}-e{j}", "user_id": user_id, "task": task,
                                  "input": INSTRUCTIONS[task].format(text=item["text"]), "target": item["label"],
                                  "split": split,
-                                 **{k: item[k] for k in ("genre", "sentiment") if k in item}})
+                                 **{k: item[k] for k in ("genre", "sentiment", "plain", "ceiling") if k in item}})
         users.append(SyntheticUser(user_id, split, persona, history, examples))
     return users
-
-
-def item_genres(history: list[dict], task: str = "tag") -> list[str]:
-    """Genres of a user's tag items, read off the tag itself (tags are genre-specific)."""
-    by_tag = {t: g for g, tags in GENRE_TAGS.items() for t in tags}
-    return [by_tag[h["label"]] for h in history if h["item_id"].split("-")[-2] == task]
 
 
 def users_table(users: list[SyntheticUser]) -> pa.Table:
@@ -380,12 +423,36 @@ def examples_table(users: list[SyntheticUser]) -> pa.Table:
     return pa.table({name: [r[name] for r in rows] for name in EXAMPLES.names}, schema=EXAMPLES)
 
 
+def _rule(example: dict) -> tuple[str, str | None]:
+    """(rule_key, rule answer) of the best rule that sees only the input.
+
+    tag: the genre (evaluation answers the genre's majority tag among training users); rate: the
+    review's sentiment as the score; headline: the plain headline, no style.
+    """
+    if example["task"] == "tag":
+        return example["genre"], None
+    if example["task"] == "rate":
+        return str(example["sentiment"]), str(example["sentiment"])
+    return example["plain"], example["plain"]
+
+
+def reference_table(users: list[SyntheticUser]) -> pa.Table:
+    rows = []
+    for u in users:
+        for e in u.examples:
+            key, answer = _rule(e)
+            rows.append({"example_id": e["example_id"], "rule_key": key, "rule": answer, "ceiling": e["ceiling"]})
+    return pa.Table.from_pylist(rows, schema=REFERENCE)
+
+
 def _write_chunk(job: tuple) -> tuple[dict[str, int], int]:
     out, chunk, chunk_size, n_users, seed, tasks = job
     users = generate_chunk(chunk, chunk_size, n_users, seed, tasks)
-    pq.write_table(users_table(users), os.path.join(out, "users", f"part-{chunk:05d}.parquet"))
+    name = f"part-{chunk:05d}.parquet"
+    pq.write_table(users_table(users), os.path.join(out, "users", name))
     ex = examples_table(users)
-    pq.write_table(ex, os.path.join(out, "examples", f"part-{chunk:05d}.parquet"))
+    pq.write_table(ex, os.path.join(out, "examples", name))
+    pq.write_table(reference_table(users), os.path.join(out, "reference", name))
     counts: dict[str, int] = {}
     for u in users:
         counts[u.split] = counts.get(u.split, 0) + 1
@@ -394,7 +461,7 @@ def _write_chunk(job: tuple) -> tuple[dict[str, int], int]:
 
 def write_synthetic(out: str, n_users: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
                     chunk_size: int = 5000, workers: int = 1, progress=None) -> dict:
-    """Write `out/users/part-*.parquet` and `out/examples/part-*.parquet`; return counts.
+    """Write `out/{users,examples,reference}/part-*.parquet` and `out/synthetic.json`; return counts.
 
     Chunks are independent, so `workers` processes generate them in parallel; each holds one
     chunk at a time, so memory stays bounded for any number of users.
@@ -404,8 +471,12 @@ def write_synthetic(out: str, n_users: int, seed: int = 0, tasks: tuple[str, ...
         raise ValueError(f"unknown task {bad[0] if bad else ''!r}; valid: {', '.join(TASKS)}")
     if n_users <= 0:
         raise ValueError(f"--users must be positive, got {n_users}")
-    os.makedirs(os.path.join(out, "users"), exist_ok=True)
-    os.makedirs(os.path.join(out, "examples"), exist_ok=True)
+    for sub in ("users", "examples", "reference"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    reserved = reserved_combinations(seed)
+    with open(os.path.join(out, "synthetic.json"), "w") as f:
+        json.dump({"version": VERSION, "seed": seed, "users": n_users, "tasks": list(tasks),
+                   "reserved_for_test_ood": {t: sorted(map(list, reserved[t])) for t in tasks}}, f, indent=1)
     jobs = [(out, c, chunk_size, n_users, seed, tuple(tasks)) for c in range(math.ceil(n_users / chunk_size))]
     counts = {s: 0 for s, _ in SPLIT_WEIGHTS}
     n_examples = 0
