@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from bench.report import write
+from p2p.adapted_model import AdaptedModel
 from p2p.config import TrainConfig
 from p2p.hypernet import Hypernetwork
 from p2p.models import load_base_model
@@ -45,11 +46,11 @@ def steps_per_s(step, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def measure_ours(base, batch: Batch, args) -> tuple[float, list[int]]:
-    cfg = TrainConfig(base=args.base, encoder="minilm", top_k_layers=args.top_k_layers, lr=1e-4)
+def measure_ours(base, tokenizer, batch: Batch, args) -> tuple[float, list[int]]:
+    cfg = TrainConfig(base=args.base, encoder="minilm", top_k_layers=args.top_k_layers, lr=1e-3)
     model = copy.deepcopy(base)
     hypernet = Hypernetwork(hypernet_config_for(cfg, model, 384))
-    lm = AdapterLM(model, hypernet.config, cache_prefix=True)
+    lm = AdapterLM(AdaptedModel(model, tokenizer, hypernet.config), cache_prefix=True)
     opt = torch.optim.AdamW(hypernet.parameters(), lr=1e-4)
 
     def step():
@@ -70,9 +71,9 @@ def main() -> None:
     ap.add_argument("--top-k-layers", type=int, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    base, _ = load_base_model(args.base)
+    base, tokenizer = load_base_model(args.base)
     batch = make_batch(args.batch, args.seq, base.config.vocab_size)
-    rate_ours, layers = measure_ours(base, batch, args)
+    rate_ours, layers = measure_ours(base, tokenizer, batch, args)
     mem_ours = rss_gb()
 
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(

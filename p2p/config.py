@@ -32,6 +32,9 @@ class TrainConfig:
     profile_top_k: int = 8  # history items quoted in each profile
     profile_max_chars: int = 900  # bound on a profile's length (900: fits MiniLM's 256-token window)
     profile_features: int = 256  # label-statistics dimensions appended to the text embedding (0: none)
+    standardize_inputs: bool = True  # standardize embeddings with the training users' mean and std
+    head_init_std: float = 1e-5  # initial head weights (0: zero heads, whose trunk gets no gradient at step 0)
+    head_output_scale: float | None = None  # heads emit bias + scale * (W h); None: 1/sqrt(head_in)
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: int = 256  # prompt + target tokens; a longer prompt loses the middle of its user text

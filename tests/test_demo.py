@@ -23,5 +23,5 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
         assert marker in out, marker
     assert out.count("personalized (p2p):") == 2
     report = tmp_path / "demo" / "report"
-    assert {"report.md", "report.json", "quality.png", "by_history.png", "cost.png"} <= set(os.listdir(report))
+    assert {"report.md", "report.json", "quality.png", "effect.png", "cost.png"} <= set(os.listdir(report))
     assert (tmp_path / "demo" / "store" / "manifests" / "CURRENT").exists()

@@ -1,0 +1,92 @@
+"""The distributed training path against the single-process loop it wraps: examples/s, same cores, one run.
+
+Both train the same hypernet on the same data for the same number of steps of the same total
+batch: `p2p.training.train_local` in this process (torch's threads over every core), and
+`p2p train` on a local Ray cluster (Ray Train workers, DeepSpeed ZeRO, gloo, one CPU each). Each
+side reports examples/s of its training loop (setup and validation excluded). Goal: Ray at
+>= 0.8x the local loop.
+
+    python -m bench.train_ray [--base smollm2-135m] [--users 40] [--steps 60] [--workers 2] [--zero-stage 2]
+
+Several epochs over a small set, so the frozen-prefix cache is exercised as in real runs.
+Prints a Markdown table and writes bench/results/train_ray.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+
+from bench.report import write
+from p2p.config import TrainConfig
+from p2p.data.schemas import read_table
+from p2p.data.synthetic import write_synthetic
+from p2p.models import load_base_model
+from p2p.personalizer import ProfileEmbedder
+from p2p.pipeline_local import build_profiles, examples_with_embeddings
+from p2p.profile import ProfileConfig
+from p2p.training import train_local
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--encoder", default="hashing", help="the encoder does not enter the training step")
+    ap.add_argument("--users", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8, help="examples per step in total")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--top-k-layers", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    tmp = tempfile.mkdtemp(prefix="p2p-bench-train-")
+    data = os.path.join(tmp, "data")
+    write_synthetic(data, args.users, seed=0, tasks=("tag",))
+    common = dict(base=args.base, encoder=args.encoder, top_k_layers=args.top_k_layers, max_steps=args.steps,
+                  eval_every=args.steps, log_every=10, val_examples=16, max_seq_len=192, warmup_steps=5)
+    local_cfg = TrainConfig(**common, batch_size=args.batch)
+    profiles = build_profiles(data, ProfileEmbedder(args.encoder, ProfileConfig(**local_cfg.profile_config())))
+    os.makedirs(os.path.join(data, "profiles"))
+    pq.write_table(profiles, os.path.join(data, "profiles", "part-0.parquet"))
+    table = read_table(os.path.join(data, "profiles"), "profiles")
+    train = examples_with_embeddings(data, table, ("train",))
+    val = examples_with_embeddings(data, table, ("val",))
+
+    model, tokenizer = load_base_model(args.base)
+    t = time.perf_counter()
+    local = train_local(local_cfg, copy.deepcopy(model), tokenizer, train, val, len(train[0]["embedding"]),
+                        log=lambda s: None)
+    local_wall = time.perf_counter() - t
+    local_rate = local["history"][-1]["examples_per_s"]
+
+    from pipelines.ray_setup import ensure_ray
+    from pipelines.train import run_training
+
+    ensure_ray()
+    ray_cfg = TrainConfig(**common, batch_size=args.batch // args.workers, workers=args.workers,
+                          zero_stage=args.zero_stage)
+    t = time.perf_counter()
+    run_training(ray_cfg, data, os.path.join(tmp, "run"), log=lambda s: None)
+    ray_wall = time.perf_counter() - t
+    with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
+        ray_rate = [json.loads(line) for line in f][-1]["examples_per_s"]
+    rows = [
+        {"path": "single process (train_local)", "examples_per_s": local_rate, "ratio": 1.0, "wall_s": local_wall},
+        {"path": f"Ray Train, {args.workers} workers, DeepSpeed ZeRO-{args.zero_stage}", "examples_per_s": ray_rate,
+         "ratio": ray_rate / local_rate, "wall_s": ray_wall},
+    ]
+    write("train_ray", rows, {"base": args.base, "steps": args.steps, "batch_per_step": args.batch,
+                              "train_examples": len(train), "epochs": args.steps * args.batch / len(train),
+                              "top_k_layers": args.top_k_layers, "goal": "ratio >= 0.8"})
+
+
+if __name__ == "__main__":
+    main()
