@@ -208,7 +208,7 @@ class RunLog:
         if pending is not None and pending.run_id == run_id:
             self.objects.delete(layout.pending(hypernet_id))
 
-    def _pointer(self, rel: str, attempts: int = 4) -> bytes | None:
+    def _pointer(self, rel: str, attempts: int = 5) -> bytes | None:
         """A pointer's bytes; a pointer seen before that vanishes or reads as garbage is retried briefly."""
         for attempt in range(attempts):
             try:
