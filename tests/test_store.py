@@ -27,11 +27,16 @@ from p2p.userkey import user_key
 HOSTILE = ["../x", "a/b", "..", "ctl\x01\n", "Zoë", "CURRENT", "plain-user_1"]
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
+def make_store(request, tmp_path) -> AdapterStore:
+    """A fresh store on the parametrized filesystem ("file" or "s3"); other store test modules share it."""
     if request.param == "file":
         return AdapterStore(f"file://{tmp_path}/store")
     return AdapterStore(request.getfixturevalue("moto_s3")())
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    return make_store(request, tmp_path)
 
 
 def _write(store, hypernet_dir, users, run_id=None):

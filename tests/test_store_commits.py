@@ -9,15 +9,19 @@ import time
 
 import numpy as np
 import pytest
-from test_store import _cli, _write, store  # noqa: F401 - `store` is the file/s3 fixture
+from test_store import _cli, _write, make_store
 
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.hypernet import load_hypernet
-from p2p.store import AdapterStore, Lease, LeaseHeld, StoreDamaged, new_run_id
-from p2p.store import layout
+from p2p.store import AdapterStore, Lease, LeaseHeld, StoreDamaged, layout, new_run_id
 
 
-def test_readers_never_see_a_partial_commit(store, tiny_hypernet):  # noqa: F811
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    return make_store(request, tmp_path)
+
+
+def test_readers_never_see_a_partial_commit(store, tiny_hypernet):
     """The issue's reader got 10,597 JSONDecodeErrors in 3,000 commits; atomic pointers give none."""
     hid, run_id, part, _ = _write(store, tiny_hypernet, ["u1", "u2"])
     store.commit(hid, run_id, [part], 2)
@@ -55,7 +59,7 @@ def test_readers_never_see_a_partial_commit(store, tiny_hypernet):  # noqa: F811
     assert len(store.runs.history(hid)) == commits + 1
 
 
-def test_empty_current_is_a_clear_error_and_recover_repairs_it(store, tiny_hypernet, synth_dir):  # noqa: F811
+def test_empty_current_is_a_clear_error_and_recover_repairs_it(store, tiny_hypernet, synth_dir):
     hid, first, part1, _ = _write(store, tiny_hypernet, ["u1", "u2"])
     store.commit(hid, first, [part1], 2)
     _, second, part2, _ = _write(store, tiny_hypernet, ["u1", "u2", "u3"])
@@ -94,7 +98,7 @@ def test_a_pointer_that_vanishes_for_a_moment_is_retried(tmp_path, tiny_hypernet
     os.rename(path + ".away", path)
 
 
-def test_one_lease_holder_at_a_time(store):  # noqa: F811
+def test_one_lease_holder_at_a_time(store):
     takers, won, refused = 8, [], []
     barrier = threading.Barrier(takers)
 
@@ -117,7 +121,7 @@ def test_one_lease_holder_at_a_time(store):  # noqa: F811
     Lease(store.objects, "after release").acquire().release()
 
 
-def test_a_dead_holders_lease_expires(store):  # noqa: F811
+def test_a_dead_holders_lease_expires(store):
     """A process that took the lease and died (no release): others wait out its ttl, then take it."""
     code = ("import os, sys; from p2p.store import AdapterStore, Lease; "
             "Lease(AdapterStore(sys.argv[1]).objects, 'doomed run', ttl_s=3).acquire(); print(os.getpid()); os._exit(0)")
@@ -132,19 +136,18 @@ def test_a_dead_holders_lease_expires(store):  # noqa: F811
     lease.release()
 
 
-def test_a_holder_that_lost_its_lease_cannot_commit(store, tiny_hypernet):  # noqa: F811
+def test_a_holder_that_lost_its_lease_cannot_commit(store, tiny_hypernet):
     hid, first, part, _ = _write(store, tiny_hypernet, ["u1"])
     store.commit(hid, first, [part], 1)
     stalled = Lease(store.objects, "stalled run", ttl_s=1, heartbeat_s=3600).acquire()  # stops beating
     time.sleep(1.2)
-    with Lease(store.objects, "next run", ttl_s=30):
-        with pytest.raises(LeaseHeld, match="lost the lease.*'next run'"):
-            store.runs.commit(hid, new_run_id(), [part], 1, stalled)
+    with Lease(store.objects, "next run", ttl_s=30), pytest.raises(LeaseHeld, match="lost the lease.*'next run'"):
+        store.runs.commit(hid, new_run_id(), [part], 1, stalled)
     stalled.release()
     assert AdapterStore(store.uri).current().run_id == first
 
 
-def test_a_waiting_taker_gets_the_lease_once_released(store):  # noqa: F811
+def test_a_waiting_taker_gets_the_lease_once_released(store):
     holder = Lease(store.objects, "first", ttl_s=30).acquire()
     got = []
     waiter = threading.Thread(target=lambda: got.append(Lease(store.objects, "second", wait_s=20).acquire()))
@@ -157,7 +160,7 @@ def test_a_waiting_taker_gets_the_lease_once_released(store):  # noqa: F811
     got[0].release()
 
 
-def test_concurrent_on_demand_builds_converge_to_one_adapter(store, tiny_hypernet):  # noqa: F811
+def test_concurrent_on_demand_builds_converge_to_one_adapter(store, tiny_hypernet):
     """N replicas making the same new user's adapter at once: one record, one folder, no torn JSON."""
     hypernet, _ = load_hypernet(tiny_hypernet)
     hid = store.publish_hypernet(tiny_hypernet)

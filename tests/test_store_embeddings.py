@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from test_store import store  # noqa: F401 - `store` is the file/s3 fixture
+from test_store import make_store
 
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.hypernet import load_hypernet
@@ -14,6 +14,11 @@ from p2p.lora import adapter_from_files
 from p2p.models import build_tiny_random
 from p2p.store import AdapterCorrupt, AdapterStore, StoreError, adapters_from_rows
 from p2p.store.manifest import embedding_row
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    return make_store(request, tmp_path)
 
 
 def _commit_embeddings(store, hypernet_dir, users):
@@ -27,7 +32,7 @@ def _commit_embeddings(store, hypernet_dir, users):
     return hypernet, hid, emb
 
 
-def test_embedding_rows_become_the_same_adapters_in_one_pass(store, tiny_hypernet, tmp_path):  # noqa: F811
+def test_embedding_rows_become_the_same_adapters_in_one_pass(store, tiny_hypernet, tmp_path):
     users = ["e1", "e2", "../e3"]
     hypernet, hid, emb = _commit_embeddings(store, tiny_hypernet, users)
     assert not [rel for rel in store.objects.list("adapters")]  # no folder was written
@@ -58,7 +63,7 @@ def test_embedding_rows_become_the_same_adapters_in_one_pass(store, tiny_hyperne
     PeftModel.from_pretrained(build_tiny_random(0), str(tmp_path / "peft"))
 
 
-def test_rows_are_checked_before_a_pass(store, tiny_hypernet):  # noqa: F811
+def test_rows_are_checked_before_a_pass(store, tiny_hypernet):
     hypernet, hid, _ = _commit_embeddings(store, tiny_hypernet, ["e1", "e2"])
     row = AdapterStore(store.uri).adapter_row("e1", embedding=True)
     with pytest.raises(StoreError, match="made for hypernet other"):
@@ -70,7 +75,7 @@ def test_rows_are_checked_before_a_pass(store, tiny_hypernet):  # noqa: F811
         adapters_from_rows(hypernet, hid, [{k: v for k, v in row.items() if k != "embedding"}])
 
 
-def test_on_demand_embedding_only_record(store, tiny_hypernet):  # noqa: F811
+def test_on_demand_embedding_only_record(store, tiny_hypernet):
     hypernet, hid, _ = _commit_embeddings(store, tiny_hypernet, ["e1"])
     emb = np.full(384, 0.25, np.float32)
     record = store.write_on_demand(hid, "newbie", None, "h-newbie", emb)  # files=None: the embedding only

@@ -5,16 +5,19 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_store import _cli, store  # noqa: F401 - `store` is the file/s3 fixture
+from test_store import _cli, make_store
 
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.hypernet import load_hypernet
-from p2p.store import AdapterStore, UserDeleted, user_hash
-from p2p.store import layout
+from p2p.store import AdapterStore, UserDeleted, layout, user_hash
 from p2p.store.gc import collect_garbage
 from p2p.userkey import user_key
 
 FORGET = "user-to-forget-7f3a"
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    return make_store(request, tmp_path)
 
 
 class Runs:
@@ -54,7 +57,7 @@ def _listing(store):
     return {rel: info for rel, info in store.objects.list("").items() if not rel.endswith(".lock") and rel != "LEASE"}
 
 
-def test_gc_frees_what_no_kept_run_points_at(store, tiny_hypernet):  # noqa: F811
+def test_gc_frees_what_no_kept_run_points_at(store, tiny_hypernet):
     users = [f"u{i:02d}" for i in range(20)]
     runs = Runs(store, tiny_hypernet)
     runs.write(users, [])
@@ -97,7 +100,7 @@ def test_gc_frees_what_no_kept_run_points_at(store, tiny_hypernet):  # noqa: F81
     assert r.returncode == 0 and "gc freed 0 objects" in r.stdout, r.stdout + r.stderr
 
 
-def test_gc_keeps_a_pending_run_and_runs_replaced_within_the_grace(store, tiny_hypernet):  # noqa: F811
+def test_gc_keeps_a_pending_run_and_runs_replaced_within_the_grace(store, tiny_hypernet):
     runs = Runs(store, tiny_hypernet)
     first = runs.write(["a", "b"], [])
     runs.write(["a"], ["b"])
@@ -109,7 +112,7 @@ def test_gc_keeps_a_pending_run_and_runs_replaced_within_the_grace(store, tiny_h
     assert store.runs.run_parts(runs.hid, [dead])  # the dead run's rows stay resumable
 
 
-def test_deleted_user_is_in_no_object_grep_or_parquet(store, tiny_hypernet):  # noqa: F811
+def test_deleted_user_is_in_no_object_grep_or_parquet(store, tiny_hypernet):
     """After delete-users nothing of the user remains: not in any manifest of any run, raw or in Parquet."""
     runs = Runs(store, tiny_hypernet)
     runs.write(["keep", FORGET], [])
