@@ -72,8 +72,10 @@ class Planner:
         sources = [t for t in (previous, resumable) if t is not None and len(t)]
         dim = _dim(sources)
         self.schema = manifest_schema(dim)
+        # One contiguous copy: `take` on a list column of thousands of chunks concatenates them on
+        # every call (0.1 s a block at 200k users), on one chunk it is microseconds.
         self.sources = (pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in sources])
-                        if sources else self.schema.empty_table())
+                        .combine_chunks() if sources else self.schema.empty_table())
         n_prev = 0 if previous is None else len(previous)
         ids = self.sources.column("user_id").to_pylist()
         self._previous = {uid: i for i, uid in enumerate(ids[:n_prev])}
