@@ -2,7 +2,9 @@
 
 Library commands run in-process. Commands that run on Ray (added by later stages) import
 `pipelines.*` inside their handler, so importing `p2p` never imports Ray.
-Errors the user can fix (`P2PError`) print as one line and exit 2; no traceback.
+Errors the user can fix (`P2PError`) print as one line and exit 2 (bad input) or the code their
+type names (a held lease 3, an unavailable store 4, a damaged store 5, Ray not starting 6); no
+traceback.
 """
 
 from __future__ import annotations
@@ -154,15 +156,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_ids(ids: str | None, ids_file: str | None, what: str) -> list[str]:
+    """Ids from `--X a,b` and/or `--X-file FILE` (one per line: ids containing commas can be named)."""
+    out = [u for u in (ids or "").split(",") if u]
+    if ids_file:
+        try:
+            with open(ids_file, encoding="utf-8") as f:
+                out += [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+        except OSError as exc:
+            raise P2PError(f"{what}: cannot read {ids_file}: {exc.strerror}") from None
+    return out
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     import json
 
     from p2p.config import RefreshConfig, load_config
 
     # Validated before Ray starts.
+    readmit = _user_ids(args.readmit, args.readmit_file, "--readmit") or None
     config = load_config(args.config, RefreshConfig, hypernet=args.hypernet, data=args.data, store=args.store,
-                         full=args.full or None, batch_size=args.batch_size, embed_actors=args.embed_actors,
-                         generate_actors=args.generate_actors)
+                         full=args.full or None, mode=args.mode, batch_size=args.batch_size,
+                         embed_actors=args.embed_actors, generate_actors=args.generate_actors,
+                         create=args.create or None, max_removed_share=args.max_removed_share,
+                         allow_mass_removal=args.allow_mass_removal or None, readmit=readmit,
+                         lease_wait_s=args.wait, lease_ttl_s=args.lease_ttl)
     from pipelines.refresh import run_refresh, summary_dict
 
     summary = run_refresh(config)
@@ -178,19 +196,35 @@ def cmd_store(args: argparse.Namespace) -> int:
     from p2p.store import AdapterStore
 
     store = AdapterStore(args.store)
+    users = _user_ids(args.users, args.users_file, f"store {args.action}")
     if args.action == "stat":
         print(json.dumps(store.stat(args.hypernet_id), indent=1))
     elif args.action == "fetch":
-        if not (args.users and args.out):
-            raise P2PError("store fetch needs --users and --out")
-        for uid in args.users.split(","):
-            row = store.fetch_adapter(uid, os.path.join(args.out, uid), args.hypernet_id)
-            print(f"{uid}: {row['adapter_uri']} ({row['bytes']} bytes, sha256 ok)")
+        from p2p.userkey import user_key
+
+        if not (users and args.out):
+            raise P2PError("store fetch needs --users (or --users-file) and --out")
+        for uid in users:
+            folder = os.path.join(args.out, user_key(uid))  # escaped as `p2p generate` does: never outside --out
+            row = store.fetch_adapter(uid, folder, args.hypernet_id)
+            print(f"{uid!r} -> {folder}: {row['mode']} row of run {row['run_id']} (sha256 ok)")
     elif args.action == "delete-users":
-        if not args.users:
-            raise P2PError("store delete-users needs --users")
-        n = store.delete_users(args.users.split(","))
-        print(f"deleted the adapters of {args.users.count(',') + 1} user(s); {n} manifest row(s) removed and committed")
+        from p2p.store.deletion import delete_users
+
+        if not users:
+            raise P2PError("store delete-users needs --users (or --users-file)")
+        with store.leased("delete-users", wait_s=args.wait) as lease:
+            print(delete_users(store, users, lease).line())
+    elif args.action == "gc":
+        from p2p.store.gc import collect_garbage
+
+        with store.leased("gc", wait_s=args.wait) as lease:
+            print(collect_garbage(store, lease, keep_runs=args.keep_runs, grace_s=args.grace,
+                                  dry_run=args.dry_run).line())
+    elif args.action == "recover":
+        fixed = store.recover(args.hypernet_id)
+        print("\n".join(f"{c.hypernet_id}: CURRENT -> run {c.run_id} ({c.users} users)" for c in fixed)
+              or "nothing to recover: every CURRENT is readable")
     return 0
 
 
@@ -296,9 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data directory with users/ (local or s3://)")
     p.add_argument("--store", default=None, help="store root: path, file://... or s3://bucket/prefix")
     p.add_argument("--full", action="store_true", help="regenerate every user")
+    p.add_argument("--mode", default=None, choices=["adapters", "embeddings"],
+                   help="adapters: a PEFT folder per user (default); embeddings: embeddings only, adapters made on a miss")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--embed-actors", type=int, default=None)
     p.add_argument("--generate-actors", type=int, default=None)
+    p.add_argument("--create", action="store_true", help="create the store's S3 bucket if it does not exist")
+    p.add_argument("--max-removed-share", type=float, default=None,
+                   help="refuse to drop more than this share of committed users (default 0.2)")
+    p.add_argument("--allow-mass-removal", action="store_true", help="drop them anyway (e.g. a deliberate wipe)")
+    p.add_argument("--readmit", default=None, help="comma-separated deleted user ids a refresh may bring back")
+    p.add_argument("--readmit-file", default=None, help="the same, one id per line")
+    p.add_argument("--wait", type=float, default=None, help="seconds to wait for another run's lease (default 0)")
+    p.add_argument("--lease-ttl", type=float, default=None, help="seconds a dead run's lease outlives it (default 120)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_refresh)
 
@@ -333,12 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("store", help="inspect the adapter store, fetch adapters, delete users (privacy)")
-    p.add_argument("action", choices=["stat", "fetch", "delete-users"])
+    p = sub.add_parser("store", help="inspect the store, fetch adapters, delete users (privacy), gc, recover")
+    p.add_argument("action", choices=["stat", "fetch", "delete-users", "gc", "recover"])
     p.add_argument("--store", required=True)
     p.add_argument("--hypernet-id", default=None, help="default: the hypernet committed last")
     p.add_argument("--users", default=None, help="comma-separated user ids")
-    p.add_argument("--out", default=None, help="fetch: folder that gets one PEFT folder per user")
+    p.add_argument("--users-file", default=None, help="user ids, one per line (ids may contain commas)")
+    p.add_argument("--out", default=None, help="fetch: folder that gets one PEFT folder per user (escaped id)")
+    p.add_argument("--wait", type=float, default=0.0, help="delete-users, gc: seconds to wait for the lease")
+    p.add_argument("--keep-runs", type=int, default=2, help="gc: newest committed runs kept per hypernet")
+    p.add_argument("--grace", type=float, default=3600.0,
+                   help="gc: seconds a replaced run and any unreferenced object are kept for readers")
+    p.add_argument("--dry-run", action="store_true", help="gc: report what would be freed, delete nothing")
     p.set_defaults(func=cmd_store)
     return parser
 
@@ -348,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except P2PError as exc:
+    except P2PError as exc:  # one line; the exit code says which kind (jobs/README.md)
         print(f"p2p {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"p2p {args.command}: interrupted", file=sys.stderr)
         return 130

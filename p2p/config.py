@@ -126,17 +126,27 @@ def _check_type(name: str, value, hint) -> object:
     return value
 
 
+STORE_MODES = ("adapters", "embeddings")  # the values p2p.store.runs.MODES accepts
+
+
 @dataclass
 class RefreshConfig:
-    """The nightly refresh (`p2p refresh`, jobs/refresh.py)."""
+    """The nightly refresh (`p2p refresh`, jobs/refresh.py); jobs/README.md explains each guard."""
 
     hypernet: str = ""  # a checkpoint folder (published into the store) or a hypernet id already stored
     data: str = ""  # data directory with users/ (or a users Parquet path), local or s3://
     store: str = ""  # adapter store root: a path, file://... or s3://bucket/prefix
     full: bool = False  # regenerate every user, not only those whose profile or hypernet changed
+    mode: str = "adapters"  # adapters: a PEFT folder per user; embeddings: embeddings only, adapters made on a miss
     batch_size: int = 64  # users per block through profile, embed and generate
     embed_actors: int = 1  # encoder actors (one model each; one per GPU on a cluster)
     generate_actors: int = 1  # hypernet actors, each writing its users' PEFT folders
+    create: bool = False  # create the store's S3 bucket if missing (otherwise a missing bucket is an error)
+    max_removed_share: float = 0.2  # refuse a run that drops more than this share of committed users...
+    allow_mass_removal: bool = False  # ...unless this is set (an empty or truncated users file)
+    readmit: list[str] = field(default_factory=list)  # deleted (tombstoned) user ids allowed back in
+    lease_wait_s: float = 0.0  # wait this long for another run's lease, then exit 3 naming its holder
+    lease_ttl_s: float = 120.0  # a dead run's lease expires this long after its last heartbeat
 
     def validate(self) -> RefreshConfig:
         for name in ("hypernet", "data", "store"):
@@ -145,6 +155,13 @@ class RefreshConfig:
         for name in ("batch_size", "embed_actors", "generate_actors"):
             if getattr(self, name) < 1:
                 raise P2PError(f"refresh: {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.mode not in STORE_MODES:
+            raise P2PError(f"refresh: 'mode' must be one of {', '.join(STORE_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.max_removed_share <= 1.0:
+            raise P2PError(f"refresh: 'max_removed_share' must be in [0, 1], got {self.max_removed_share}")
+        if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:
+            raise P2PError(f"refresh: 'lease_ttl_s' must be > 0 and 'lease_wait_s' >= 0, got "
+                           f"{self.lease_ttl_s} and {self.lease_wait_s}")
         return self
 
 

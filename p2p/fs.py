@@ -11,6 +11,8 @@ import os
 
 import fsspec
 
+from p2p.errors import P2PError
+
 
 def storage_options(uri: str) -> dict:
     if not uri.startswith(("s3://", "s3a://")):
@@ -20,8 +22,13 @@ def storage_options(uri: str) -> dict:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for `uri`."""
-    return fsspec.core.url_to_fs(uri, **storage_options(uri))
+    """(filesystem, path inside it) for `uri`; an unknown scheme is a one-line P2PError."""
+    try:
+        return fsspec.core.url_to_fs(uri, **storage_options(uri))
+    except (ValueError, ImportError) as exc:
+        scheme = uri.split("://", 1)[0] if "://" in uri else uri
+        raise P2PError(f"{uri}: unsupported storage scheme {scheme!r} ({exc}); use a path, file://... or "
+                       f"s3://bucket/prefix") from None
 
 
 def display(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -12,22 +12,35 @@ import ray
 from p2p.errors import P2PError
 
 
+class RayStartError(P2PError):
+    """Ray could not be started or joined (a timeout, a wrong RAY_ADDRESS, bad resources)."""
+
+    exit_code = 6
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster this job was submitted to, or start a local one on this machine.
 
     The local cluster advertises more logical CPUs than cores (P2P_RAY_CPUS, default 4 x cores,
     at least 8): training workers each hold a CPU for the whole run, and Ray Data's readers,
-    join and actor pools need slots of their own or they wait forever.
+    join and actor pools need slots of their own or they wait forever. A failure to start or
+    join is one `RayStartError` line (exit 6), not Ray's traceback.
     """
     if ray.is_initialized():
         return
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "P2P_CACHE")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, logging_level=logging.WARNING)
-    else:
-        default = max(8, 4 * (os.cpu_count() or 2))
-        ray.init(num_cpus=num_cpus or int(os.environ.get("P2P_RAY_CPUS", default)), include_dashboard=False,
-                 logging_level=logging.WARNING, runtime_env=env)
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(runtime_env=env, logging_level=logging.WARNING)
+        else:
+            default = max(8, 4 * (os.cpu_count() or 2))
+            ray.init(num_cpus=num_cpus or int(os.environ.get("P2P_RAY_CPUS", default)), include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env=env)
+    except Exception as exc:
+        what = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray cluster"
+        raise RayStartError(f"could not {what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            ) from None
     ctx = ray.data.DataContext.get_current()
     # Ray 2.60's datasource V2 spends ~15 s in its ListFiles step per execution on machines
     # without outside network (measured here: 15 s vs 0.4 s to stream 320 rows); V1 reads the

@@ -1,49 +1,62 @@
 """`p2p refresh`: the nightly job that brings every user's adapter in the store up to date, on Ray Data.
 
+    driver: schemas, duplicate ids, the lease, the removal guard, the plan's inputs (one read each)
     users Parquet -> profile text + hash (tasks)
-                  -> plan against the committed manifest (actor: holds the manifest index)
+                  -> plan (actor: p2p.store.plan.Planner over the committed manifest and the dead
+                     runs' parts; tombstoned users are left out)
                   -> embed changed users (encoder actor pool)
-                  -> generate + write PEFT folders + write a manifest part (hypernet actor pool)
-                  -> commit: CURRENT names the new run, written last
+                  -> generate + write PEFT folders (adapters mode) or embedding rows (embeddings mode)
+                     + one manifest part per block (writer actor pool)
+                  -> commit: CURRENT names the new run, written last, under the lease
 
-Only users whose profile hash (profile text + encoder) changed, or who have no adapter from this
-hypernet, are embedded and generated; the rest carry their manifest row over. A rerun after a
-crash resumes the pending run: folders the dead run completed (digest checked) are reused. Nothing
-is committed when nothing changed. Users absent from the data drop out of the new manifest.
+Only users whose profile hash (profile text + encoder) changed, or who have no row from this
+hypernet, are embedded; the rest carry their row over. A rerun after a crash starts a new run that
+reuses the rows the dead run finished. Nothing is committed when nothing changed. Users absent
+from the data drop out of the new manifest, but never more than `max_removed_share` of them
+without `allow_mass_removal`. The driver holds the store's lease throughout; when it stops on an
+error or a signal it stops its workers (see `_stopping_workers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
 from p2p.config import RefreshConfig
-from p2p.data.schemas import check_schemas, parquet_files
+from p2p.data.schemas import check_schemas
 from p2p.errors import P2PError
 from p2p.fs import filesystem
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.personalizer import Profile, ProfileEmbedder
 from p2p.pipeline_local import users_uri
 from p2p.store import AdapterStore
+from p2p.store import layout as store_layout
+from p2p.store.manifest import as_embedding_row, embedding_row
+from p2p.store.plan import Planner, check_removals, read_input_ids
 from pipelines.ingest import profile_texts
 from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
 
 log = logging.getLogger("p2p.refresh")
-CARRIED = ["profile_hash", "adapter_uri", "sha256", "bytes", "created_at", "embedding"]
+CARRIED = ["adapter_uri", "profile_hash", "sha256", "bytes", "created_at", "embedding"]
+TERMINATED = 143  # exit status after SIGTERM (`ray job stop` sends it, then SIGKILL 3 s later)
 
 
 @dataclass
 class RefreshSummary:
     store: str
     hypernet_id: str
+    mode: str = "adapters"
     run_id: str | None = None
     committed: bool = False
     users_seen: int = 0
@@ -51,7 +64,10 @@ class RefreshSummary:
     written: int = 0
     resumed: int = 0
     unchanged: int = 0
+    regenerated: int = 0
     removed: int = 0
+    deleted: int = 0  # tombstoned users still in the data, left out
+    readmitted: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -59,9 +75,10 @@ class RefreshSummary:
     def line(self) -> str:
         busy = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         state = f"committed run {self.run_id}" if self.committed else "nothing changed: nothing committed"
-        return (f"refresh {self.hypernet_id}: {self.users_seen} users seen, {self.changed} changed, "
+        return (f"refresh {self.hypernet_id} ({self.mode}): {self.users_seen} users seen, {self.changed} changed, "
                 f"{self.written} written, {self.resumed} resumed, {self.unchanged} unchanged, "
-                f"{self.removed} removed, {self.failed} failed; {state}; {busy}")
+                f"{self.regenerated} regenerated, {self.removed} removed, {self.deleted} deleted (tombstoned), "
+                f"{self.readmitted} readmitted, {self.failed} failed; {state}; {busy}")
 
 
 def _timed(batch: pa.Table, stage: str, seconds: float) -> pa.Table:
@@ -77,55 +94,30 @@ def profile_stage(batch: pa.Table, profile: dict, encoder: str) -> pa.Table:
 
 
 class Plan:
-    """Decides per user: keep the committed adapter, reuse a folder this run already wrote, or make one."""
+    """Actor holding the planner (the committed manifest and the dead runs' rows, indexed once)."""
 
-    def __init__(self, store: str, hypernet_id: str, run_id: str, previous: list, resuming: bool):
-        self.store = AdapterStore(store)
-        self.hypernet_id, self.run_id, self.resuming = hypernet_id, run_id, resuming
-        table = ray.get(previous[0]) if previous else None
-        self.previous = {} if table is None else {r["user_id"]: r for r in table.to_pylist()}
+    def __init__(self, previous: list, resumable: list, deleted: list, mode: str):
+        self.planner = Planner(ray.get(previous[0]) if previous else None, ray.get(resumable[0]) if resumable else None,
+                               set(ray.get(deleted[0])) if deleted else set(), mode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t = time.perf_counter()
-        status, carried = [], {c: [] for c in CARRIED}
-        in_previous = []
-        for uid, phash in zip(batch.column("user_id").to_pylist(), batch.column("profile_hash").to_pylist(), strict=True):
-            prev = self.previous.get(uid)
-            in_previous.append(prev is not None)
-            row = None
-            if prev is not None and prev["profile_hash"] == phash:
-                status.append("unchanged")
-                row = prev
-            elif self.resuming and (row := self._completed(uid, phash)) is not None:
-                status.append("resumed")
-            else:
-                status.append("todo")
-                row = prev  # kept if generating this user fails: no data lost
-            for c in CARRIED:
-                carried[c].append(None if row is None else row[c])
+        status, carried = self.planner.plan(batch.column("user_id").to_pylist(), batch.column("profile_hash").to_pylist())
         out = batch.append_column("status", pa.array(status, pa.string()))
-        out = out.append_column("in_previous", pa.array(in_previous, pa.bool_()))
         for c in CARRIED:
-            typ = pa.list_(pa.float32()) if c == "embedding" else (pa.int64() if c in ("bytes", "created_at") else pa.string())
-            out = out.append_column(f"prev_{c}", pa.array(carried[c], typ))
+            out = out.append_column(f"prev_{c}", carried.column(c))
         return _timed(out, "plan", time.perf_counter() - t)
-
-    def _completed(self, uid: str, phash: str) -> dict | None:
-        try:
-            return self.store.completed_adapter(self.hypernet_id, self.run_id, uid, phash)
-        except P2PError:  # a hostile or empty id has no folder; the generate stage reports it
-            return None
 
 
 class EmbedChanged:
-    """Encoder actor: embeds only the users that need a new adapter."""
+    """Encoder actor: embeds only the users whose profile is new or changed."""
 
     def __init__(self, encoder: str, profile: dict):
         self.embedder = ProfileEmbedder(encoder, profile)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t = time.perf_counter()
-        todo = [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "todo"]
+        todo = [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "embed"]
         texts = batch.column("profile_text").to_pylist()
         features = batch.column("features").to_pylist()
         hashes = batch.column("profile_hash").to_pylist()
@@ -133,111 +125,132 @@ class EmbedChanged:
         column: list = [None] * len(batch)
         for j, i in enumerate(todo):
             column[i] = emb[j].tolist()
-        out = batch.drop_columns(["profile_text", "features"]).append_column("embedding",
-                                                                             pa.array(column, pa.list_(pa.float32())))
+        out = batch.drop_columns(["profile_text", "features"])
+        out = out.append_column("embedding", pa.array(column, pa.list_(pa.float32())))
         return _timed(out, "embed", time.perf_counter() - t)
 
 
 class GenerateAndWrite:
-    """Hypernet actor: generates the batch's new adapters in one pass, writes their folders and a manifest part."""
+    """Writer actor: the block's new rows (adapters: one hypernet pass + PEFT folders), then one manifest part."""
 
-    def __init__(self, store: str, hypernet_id: str, run_id: str):
+    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int):
         self.store = AdapterStore(store)
-        self.hypernet, self.hypernet_id = self.store.load_hypernet(hypernet_id)
-        self.run_id = run_id
-        self.dim = self.hypernet.config.embed_dim
+        self.hypernet = self.store.load_hypernet(hypernet_id)[0] if mode == "adapters" else None
+        self.hypernet_id, self.run_id, self.mode, self.dim = hypernet_id, run_id, mode, dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
-        todo = [r for r in rows if r["status"] == "todo"]
-        adapters = generate_user_adapters(self.hypernet, np.asarray([r["embedding"] for r in todo], np.float32)
-                                          .reshape(len(todo), self.dim)) if todo else []
+        new, failures = self._new_rows([r for r in rows if r["status"] in ("embed", "regenerate")])
         t1 = time.perf_counter()
-        manifest, failures, written = [], [], {}
-        batch_out = []
-        for r, adapter in zip(todo, adapters, strict=True):
-            try:
-                self.store.adapter_dir(self.hypernet_id, r["user_id"], self.run_id)  # rejects ids with no key
-                batch_out.append((r["user_id"], adapter_files(self.hypernet, self.hypernet_id, adapter),
-                                  r["profile_hash"], r["embedding"]))
-            except P2PError as exc:
-                failures.append(f"{r['user_id']!r}: {exc}")
-        for row in self.store.write_adapters(self.hypernet_id, self.run_id, batch_out):
-            written[row["user_id"]] = row
+        manifest = []
         for r in rows:
-            if r["user_id"] in written:
-                manifest.append(written[r["user_id"]])
-            elif r["prev_adapter_uri"] is not None:  # unchanged, resumed, or failed with an older adapter
-                manifest.append(self._carried(r))
+            if r["user_id"] in new:
+                manifest.append(new[r["user_id"]])
+            elif r["status"] != "deleted" and r["prev_sha256"] is not None:  # carried, or kept after a failure
+                row = {"user_id": r["user_id"], "hypernet_id": self.hypernet_id, **{c: r[f"prev_{c}"] for c in CARRIED}}
+                manifest.append(as_embedding_row(row) if self.mode == "embeddings" else row)
         part = self.store.write_manifest_part(self.hypernet_id, self.run_id, manifest, self.dim)
         t2 = time.perf_counter()
         status = [r["status"] for r in rows]
         seconds = {f"t_{s}": sum(r[f"t_{s}"] for r in rows) for s in ("profile", "plan", "embed")}
         return pa.table({
-            "part": [part], "seen": [len(rows)], "in_previous": [sum(r["in_previous"] for r in rows)],
-            "changed": [status.count("todo") + status.count("resumed")], "written": [len(written)],
-            "resumed": [status.count("resumed")], "unchanged": [status.count("unchanged")],
-            "failed": [len(failures)], "failures": [failures[:5]], "rows": [len(manifest)],
-            **{k: [v] for k, v in seconds.items()}, "t_generate": [t1 - t0], "t_write": [t2 - t1],
+            "part": [part], "seen": [len(rows)], "changed": [status.count("embed") + status.count("resumed")],
+            "written": [len(new)], "resumed": [status.count("resumed")], "unchanged": [status.count("unchanged")],
+            "regenerated": [sum(1 for r in rows if r["status"] == "regenerate" and r["user_id"] in new)],
+            "deleted": [status.count("deleted")], "failed": [len(failures)], "failures": [failures[:5]],
+            "rows": [len(manifest)], **{k: [v] for k, v in seconds.items()}, "t_generate": [t1 - t0],
+            "t_write": [t2 - t1],
         })
 
-    def _carried(self, r: dict) -> dict:
-        return {"user_id": r["user_id"], "hypernet_id": self.hypernet_id, **{c: r[f"prev_{c}"] for c in CARRIED}}
-
-
-def _count_rows(uri: str) -> int:
-    fs, files = parquet_files(uri)
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+    def _new_rows(self, todo: list[dict]) -> tuple[dict[str, dict], list[str]]:
+        """user -> new manifest row for users needing one; failures name the user (their old row stays)."""
+        ok, failures = [], []
+        for r in todo:
+            try:
+                store_layout.adapter_dir(self.hypernet_id, r["user_id"], self.run_id)  # rejects ids with no key
+                ok.append(r)
+            except P2PError as exc:
+                failures.append(f"{r['user_id']!r}: {exc}")
+        embeddings = np.asarray([r["embedding"] if r["status"] == "embed" else r["prev_embedding"] for r in ok],
+                                np.float32).reshape(len(ok), self.dim)
+        now = int(time.time())
+        if self.mode == "embeddings":
+            return {r["user_id"]: embedding_row(r["user_id"], self.hypernet_id, r["profile_hash"], e, now)
+                    for r, e in zip(ok, embeddings, strict=True)}, failures
+        adapters = generate_user_adapters(self.hypernet, embeddings) if ok else []
+        items = [(r["user_id"], adapter_files(self.hypernet, self.hypernet_id, a), r["profile_hash"], e)
+                 for r, a, e in zip(ok, adapters, embeddings, strict=True)]
+        return {row["user_id"]: row for row in self.store.write_adapters(self.hypernet_id, self.run_id, items)}, failures
 
 
 def run_refresh(config: RefreshConfig) -> RefreshSummary:
     start = time.perf_counter()
     users = users_uri(config.data)
     check_schemas(users, "users")  # a bad file is named now, before anything is written
-    total = _count_rows(users)
-    store = AdapterStore(config.store)
-    hypernet_id = store.resolve_hypernet(config.hypernet)
-    hypernet, _ = store.load_hypernet(hypernet_id)
-    hconf = hypernet.config
-    summary = RefreshSummary(store=config.store, hypernet_id=hypernet_id)
+    input_ids = read_input_ids(users).column("user_id")  # duplicates across files, named now
+    store = AdapterStore(config.store, create=config.create)
+    with _exit_on_sigterm(), store.leased(f"refresh {config.hypernet}", ttl_s=config.lease_ttl_s,
+                                          wait_s=config.lease_wait_s) as lease:
+        hypernet_id = store.resolve_hypernet(config.hypernet)
+        hconf = store.load_hypernet(hypernet_id)[0].config
+        summary = RefreshSummary(store=config.store, hypernet_id=hypernet_id, mode=config.mode)
+        committed = store.current(hypernet_id)
+        committed_ids = store.manifest(committed, ["user_id"]).column("user_id") if committed else None
+        summary.removed = check_removals(committed_ids, input_ids, config.max_removed_share,
+                                         config.allow_mass_removal, users)
+        if config.readmit:
+            summary.readmitted = store.tombstones.readmit(config.readmit)
+        previous = None if config.full else store.manifest(committed)
+        run = store.runs.begin(hypernet_id, lease)
+        parts = store.runs.run_parts(hypernet_id, run.resume_from)
+        resumable = pa.concat_tables(store.manifests.read_parts(parts)) if parts else None
+        summary.run_id = run.run_id
+        log.info("refresh %s -> %s run %s (resuming %s; %d users in data, %d committed)", hypernet_id, config.store,
+                 run.run_id, run.resume_from or "nothing", len(input_ids), 0 if committed is None else committed.users)
 
-    committed = None if config.full else store.current(hypernet_id)
-    previous = store.manifest(committed)
-    resuming = store.fs.exists(store.path(f"manifests/{hypernet_id}/PENDING"))
-    run_id = store.begin(hypernet_id)
-    summary.run_id = run_id
-    log.info("refresh %s -> %s run %s (%s; %d users in data, %d in the committed manifest)", hypernet_id,
-             config.store, run_id, "resuming" if resuming else "new", total, 0 if previous is None else len(previous))
+        with _stopping_workers():
+            refs = {"previous": [ray.put(previous)] if previous is not None and len(previous) else [],
+                    "resumable": [ray.put(resumable)] if resumable is not None and len(resumable) else [],
+                    "deleted": [ray.put(sorted(d))] if (d := store.tombstones.hashes()) else []}
+            ds = ray.data.read_parquet(users, include_paths=True, filesystem=_arrow_fs(users))
+            ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder},
+                                batch_format="pyarrow", batch_size=config.batch_size)
+            ds = ds.map_batches(Plan, fn_constructor_kwargs={**refs, "mode": config.mode}, batch_format="pyarrow",
+                                batch_size=config.batch_size, compute=ActorPoolStrategy(size=1))
+            ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},
+                                batch_format="pyarrow",
+                                batch_size=config.batch_size,
+                                compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
+            ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
+                "store": config.store, "hypernet_id": hypernet_id, "run_id": run.run_id, "mode": config.mode,
+                "dim": hconf.embed_dim}, batch_format="pyarrow", batch_size=config.batch_size,
+                compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors), **store_remote_args())
+            parts, rows = _drain(ds, summary, len(input_ids), start)
 
-    ensure_ray()
-    previous_ref = [ray.put(previous)] if previous is not None and len(previous) else []
-    ds = ray.data.read_parquet(users, include_paths=True, filesystem=_arrow_fs(users))
-    ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder},
-                        batch_format="pyarrow", batch_size=config.batch_size)
-    ds = ds.map_batches(Plan, fn_constructor_kwargs={"store": config.store, "hypernet_id": hypernet_id,
-                                                     "run_id": run_id, "previous": previous_ref, "resuming": resuming},
-                        batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=1),
-                        **store_remote_args())
-    ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},
-                        batch_format="pyarrow",
-                        batch_size=config.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
-    ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={"store": config.store, "hypernet_id": hypernet_id,
-                                                                 "run_id": run_id},
-                        batch_format="pyarrow", batch_size=config.batch_size,
-                        compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors), **store_remote_args())
+        nothing_new = (committed is not None and committed.mode == config.mode and summary.removed == 0
+                       and summary.changed == summary.written == summary.failed == 0)
+        if nothing_new:
+            store.runs.abandon(hypernet_id, run.run_id, lease)
+        else:
+            store.runs.commit(hypernet_id, run.run_id, parts, rows, lease, mode=config.mode)
+            summary.committed = True
+    summary.seconds["total"] = time.perf_counter() - start
+    return summary
 
-    parts, seconds = [], {s: 0.0 for s in ("profile", "plan", "embed", "generate", "write")}
-    in_previous, manifest_rows, last_print = 0, 0, time.perf_counter()
-    with user_errors():
-        for row in ds.iter_rows():
+
+def _drain(ds, summary: RefreshSummary, total: int, start: float) -> tuple[list[str], int]:
+    """Run the pipeline, adding each block's counts to `summary`; (manifest parts, manifest rows)."""
+    parts, rows, last_print = [], 0, time.perf_counter()
+    seconds = {s: 0.0 for s in ("profile", "plan", "embed", "generate", "write")}
+    with user_errors(), contextlib.closing(iter(ds.iter_rows())) as blocks:
+        for row in blocks:
             if row["part"]:
                 parts.append(row["part"])
             summary.users_seen += row["seen"]
-            for k in ("changed", "written", "resumed", "unchanged", "failed"):
+            for k in ("changed", "written", "resumed", "unchanged", "regenerated", "deleted", "failed"):
                 setattr(summary, k, getattr(summary, k) + row[k])
-            in_previous += row["in_previous"]
-            manifest_rows += row["rows"]
+            rows += row["rows"]
             summary.failures.extend(row["failures"][: max(0, 5 - len(summary.failures))])
             for s in seconds:
                 seconds[s] += row[f"t_{s}"]
@@ -246,17 +259,45 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
                 rate = summary.users_seen / (last_print - start)
                 print(f"refresh: {summary.users_seen}/{total} users ({rate:.0f} users/s), "
                       f"{summary.written} written", file=sys.stderr, flush=True)
-    summary.removed = (0 if previous is None else len(previous)) - in_previous
-    summary.seconds = {**{f"{k} (busy)": v for k, v in seconds.items()}, "total": time.perf_counter() - start}
+    summary.seconds = {f"{k} (busy)": v for k, v in seconds.items()}
+    return parts, rows
 
-    nothing_new = committed is not None and summary.changed == 0 and summary.removed == 0 and summary.failed == 0
-    if nothing_new:
-        store.abandon(hypernet_id, run_id)
-    else:
-        store.commit(hypernet_id, run_id, parts, manifest_rows)
-        summary.committed = True
-    summary.seconds["total"] = time.perf_counter() - start
-    return summary
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(TERMINATED)
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like an exception, so the lease is released and workers are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _stopping_workers() -> Iterator[None]:
+    """Ray for this run; if the run stops early (error, Ctrl-C, SIGTERM), its workers stop with it.
+
+    A cluster this call started or joined is shut down / left, and Ray then kills the job's actors
+    and tasks at once. A Ray session the caller already had (a notebook, tests) is kept; closing the
+    pipeline's iterator (in `_drain`) makes Ray Data shut its actor pools down.
+    """
+    ours = not ray.is_initialized()
+    ensure_ray()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # ray.init installed its own handler
+    try:
+        yield
+    except BaseException:
+        if ours:
+            ray.shutdown()
+        raise
 
 
 def _arrow_fs(uri: str):

@@ -121,7 +121,7 @@ def test_killed_refresh_resumes_and_readers_keep_the_old_run(ray_cluster, data30
     thread.start()
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     job = subprocess.Popen([sys.executable, "-m", "p2p.cli", "refresh", "--hypernet", tiny_hypernet, "--data", data,
-                            "--store", uri, "--batch-size", "4"], env=env, start_new_session=True,
+                            "--store", uri, "--batch-size", "4", "--lease-ttl", "4"], env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     adapters = tmp_path / "store" / "adapters" / hid
     deadline = time.time() + 120
@@ -140,11 +140,14 @@ def test_killed_refresh_resumes_and_readers_keep_the_old_run(ray_cluster, data30
     assert 0 < written_by_dead_run < N_USERS, written_by_dead_run
     assert AdapterStore(uri).current().run_id == first.run_id
 
-    resumed = _refresh(tiny_hypernet, data, uri)
+    # The dead driver's lease outlives it by its ttl; the rerun waits for it, then starts a run of
+    # its own that reuses the rows the dead run finished (no per-user store checks).
+    resumed = _refresh(tiny_hypernet, data, uri, lease_wait_s=30)
     assert resumed.committed and resumed.resumed > 0 and resumed.resumed + resumed.written == N_USERS
     store = AdapterStore(uri)
     committed = store.current()
     assert committed.run_id == resumed.run_id != first.run_id and committed.users == N_USERS
+    assert store.runs.pending(hid) is None
     manifest = store.manifest(committed)
     assert sorted(manifest.column("user_id").to_pylist()) == sorted(
         read_table(f"{data}/users", "users").column("user_id").to_pylist())

@@ -74,10 +74,15 @@ def profiles_schema(dim: int) -> pa.Schema:
 
 
 def manifest_schema(dim: int) -> pa.Schema:
+    """One row per user of a committed run (p2p.store.manifest).
+
+    `adapter_uri` is null for a user stored as an embedding only (embeddings-only mode); `sha256`
+    is then the digest of the embedding and `bytes` is 0.
+    """
     return pa.schema(
         [
             pa.field("user_id", pa.string(), nullable=False),
-            pa.field("adapter_uri", pa.string(), nullable=False),
+            pa.field("adapter_uri", pa.string(), nullable=True),
             pa.field("profile_hash", pa.string(), nullable=False),
             pa.field("hypernet_id", pa.string(), nullable=False),
             pa.field("sha256", pa.string(), nullable=False),

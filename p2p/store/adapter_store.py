@@ -1,0 +1,419 @@
+"""`AdapterStore`: the one object the rest of p2p uses to read and write the store.
+
+It composes the protocol's parts and adds what is about adapters:
+    objects     ObjectStore   atomic / conditional object I/O, storage failures as StoreUnavailable
+    runs        RunLog        begin / commit / abandon / current, the pointer files
+    manifests   Manifests     manifest parts; ManifestIndex answers "which row is this user's"
+    tombstones  Tombstones    deleted users a refresh must not bring back
+    leased()    Lease         one writer of manifests at a time
+Deletion (p2p.store.deletion) and garbage collection (p2p.store.gc) are functions over it.
+
+Why reads are shaped this way:
+- Adapter folders are per run: a refresh never overwrites a folder a committed manifest points
+  at, so a server reading through an older `CURRENT` sees consistent bytes the whole time.
+- `p2p.json` is written after a folder's PEFT files and records their digest, profile hash and
+  embedding; each manifest row carries the digest and `read_adapter` checks it on every read, so
+  a corrupted object is `AdapterCorrupt`, never a silently wrong adapter. Only JSON, Parquet and
+  safetensors are read: no pickle.
+- A row without a folder (embeddings-only mode) is made into an adapter by the hypernet on read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from p2p.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from p2p.store import layout
+from p2p.store.errors import (
+    AdapterCorrupt,
+    AdapterNotFound,
+    StoreDamaged,
+    StoreError,
+    StoreUnavailable,
+    UserDeleted,
+)
+from p2p.store.lease import Lease, lease_holder
+from p2p.store.manifest import ManifestIndex, Manifests, embedding_row, row_mode
+from p2p.store.objects import ObjectStore
+from p2p.store.runs import Committed, RunLog
+from p2p.store.tombstones import Tombstones
+
+MARKER = layout.MARKER
+HYPERNET_FILES = layout.HYPERNET_FILES
+DEFAULT_LEASE_TTL_S = 120.0
+
+
+def digest(files: dict[str, bytes]) -> str:
+    """sha256 over the PEFT folder: each file's name and sha256, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+class AdapterStore:
+    def __init__(self, uri: str, create: bool = False):
+        self.uri = uri
+        self.objects = ObjectStore(uri, create=create)
+        self.fs, self.root = self.objects.fs, self.objects.root
+        self.runs = RunLog(self.objects)
+        self.manifests = Manifests(self.objects)
+        self.tombstones = Tombstones(self.objects)
+        self._index: ManifestIndex | None = None
+        self._index_guard = threading.Lock()
+        self._lease: Lease | None = None
+        self._implicit_lease = False
+        self._hypernets: dict[str, tuple] = {}  # loaded on demand to read embeddings-only rows
+
+    # --- paths ---------------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return self.objects.path("/".join(parts))
+
+    def url(self, *parts: str) -> str:
+        return self.objects.url("/".join(parts))
+
+    def adapter_prefix(self, hypernet_id: str, user_id: str) -> str:
+        return layout.adapter_prefix(hypernet_id, user_id)
+
+    def adapter_dir(self, hypernet_id: str, user_id: str, run_id: str) -> str:
+        return layout.adapter_dir(hypernet_id, user_id, run_id)
+
+    # --- the lease -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def leased(self, purpose: str, ttl_s: float = DEFAULT_LEASE_TTL_S, wait_s: float = 0.0) -> Iterator[Lease]:
+        """Hold the store's lease for a block: commits, deletions and gc inside it use it."""
+        lease = Lease(self.objects, purpose, ttl_s=ttl_s, wait_s=wait_s).acquire()
+        self._lease = lease
+        try:
+            yield lease
+        finally:
+            self._lease = None
+            lease.release()
+
+    def _held_lease(self, purpose: str, wait_s: float = 60.0) -> Lease:
+        """The lease of the enclosing `leased` block, or one taken for this call alone (released after)."""
+        if self._lease is None:
+            self._lease = Lease(self.objects, purpose, ttl_s=DEFAULT_LEASE_TTL_S, wait_s=wait_s).acquire()
+            self._implicit_lease = True
+        return self._lease
+
+    def _release_implicit(self) -> None:
+        if self._implicit_lease and self._lease is not None:
+            self._lease.release()
+            self._lease, self._implicit_lease = None, False
+
+    # --- hypernets -----------------------------------------------------------------------------------
+
+    def publish_hypernet(self, folder: str) -> str:
+        """Copy a checkpoint folder into the store (verified first); return its hypernet_id."""
+        from p2p.hypernet import load_hypernet
+
+        _, hid = load_hypernet(folder)
+        for name in HYPERNET_FILES:
+            rel = layout.hypernet_file(hid, name)
+            if not self.objects.exists(rel):
+                with open(os.path.join(folder, name), "rb") as f:
+                    self.objects.write(rel, f.read())
+        return hid
+
+    def resolve_hypernet(self, hypernet: str) -> str:
+        """A checkpoint folder (published on the way) or the id of a hypernet already stored."""
+        if os.path.isdir(hypernet):
+            return self.publish_hypernet(hypernet)
+        if hypernet and "/" not in hypernet and self.objects.exists(layout.hypernet_file(hypernet, "config.json")):
+            return hypernet
+        raise StoreError(f"{hypernet!r} is neither a checkpoint folder nor a hypernet in {self.uri} "
+                         f"(stored: {', '.join(self.hypernet_ids()) or 'none'})")
+
+    def hypernet_ids(self) -> list[str]:
+        return sorted({rel.split("/")[1] for rel in self.objects.list("hypernets") if rel.count("/") >= 2})
+
+    def load_hypernet(self, hypernet_id: str, device: str = "cpu"):
+        """(Hypernetwork, hypernet_id), its content hash checked against the id it is stored under."""
+        from p2p.hypernet import load_hypernet
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in HYPERNET_FILES:
+                try:
+                    data = self.objects.read(layout.hypernet_file(hypernet_id, name))
+                except FileNotFoundError:
+                    raise StoreError(f"hypernet {hypernet_id} not in {self.uri} "
+                                     f"(stored: {', '.join(self.hypernet_ids()) or 'none'})") from None
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            model, hid = load_hypernet(tmp, device=device)
+        if hid != hypernet_id:
+            raise StoreDamaged(f"hypernet {hypernet_id} in {self.uri} hashes to {hid}: corrupted; publish the "
+                               f"checkpoint again (p2p refresh --hypernet FOLDER)")
+        return model, hid
+
+    # --- writing adapters ----------------------------------------------------------------------------
+
+    def write_adapters(self, hypernet_id: str, run_id: str, adapters: list[tuple[str, dict[str, bytes], str, np.ndarray]]
+                       ) -> list[dict]:
+        """Write users' PEFT folders, then their completion records; return their manifest rows.
+
+        `adapters` holds (user_id, files, profile_hash, embedding). Each phase is one batch of
+        concurrent atomic writes, and records follow the files they describe.
+        """
+        rows, payload, markers = [], {}, {}
+        now = int(time.time())
+        for user_id, files, phash, embedding in adapters:
+            rel = layout.adapter_dir(hypernet_id, user_id, run_id)
+            payload.update({f"{rel}/{name}": data for name, data in files.items()})
+            row = {
+                "user_id": user_id, "adapter_uri": rel, "profile_hash": phash, "hypernet_id": hypernet_id,
+                "sha256": digest(files), "bytes": sum(len(d) for d in files.values()), "created_at": now,
+                "embedding": np.asarray(embedding, np.float32).tolist(),
+            }
+            markers[f"{rel}/{MARKER}"] = json.dumps(row).encode()
+            rows.append(row)
+        self.objects.write_many(payload)
+        self.objects.write_many(markers)
+        return rows
+
+    def write_on_demand(self, hypernet_id: str, user_id: str, files: dict[str, bytes] | None, profile_hash: str,
+                        embedding: np.ndarray, readmit: bool = False) -> dict:
+        """Store an adapter made now (a user a server met first) beside the committed manifest.
+
+        Idempotent and atomic: the folder is named by its content's digest, so N concurrent builds
+        of one profile write one folder, and the record is replaced in one atomic write, so readers
+        see the old record or the new one. `files=None` stores the embedding only. A deleted user
+        is refused (`UserDeleted`) unless `readmit`. Found by `adapter_row` / `read_adapter` until a
+        refresh commits a newer row; superseded folders are removed by `gc`.
+        """
+        if not readmit and self.tombstones.is_deleted(user_id):
+            raise UserDeleted(f"user {user_id!r} was deleted from {self.uri}; re-admit them explicitly")
+        if files is None:
+            record = embedding_row(user_id, hypernet_id, profile_hash, embedding, int(time.time()))
+        else:
+            [row] = self.write_adapters(hypernet_id, "ondemand-" + digest(files)[:16],
+                                        [(user_id, files, profile_hash, embedding)])
+            record = {k: v for k, v in row.items() if k != "embedding"}
+        self.objects.write(layout.on_demand_record(hypernet_id, user_id), json.dumps(record).encode())
+        return record
+
+    # --- reading adapters ----------------------------------------------------------------------------
+
+    def adapter_row(self, user_id: str, hypernet_id: str | None = None, embedding: bool = False) -> dict | None:
+        """The row `read_adapter` would use: the newer of the committed manifest's and an on-demand one.
+
+        `mode` says what it stores ("adapters": a folder; "embeddings": only the embedding, which
+        `p2p.store.adapters_from_rows` turns into an adapter); `embedding=True` adds the embedding.
+        """
+        committed = self.current(hypernet_id)
+        hid = hypernet_id or (committed.hypernet_id if committed else None)
+        row, index = None, None
+        if committed is not None:
+            index = self._index_of(committed)
+            row = index.row(user_id)
+            if row is not None:
+                row = {**row, "source": "manifest", "run_id": committed.run_id, "mode": row_mode(row)}
+        if hid is not None:
+            record = self._on_demand(hid, user_id)
+            if record is not None and (row is None or record["created_at"] > row["created_at"]):
+                run_id = record["adapter_uri"].rsplit("/", 1)[-1] if record.get("adapter_uri") else "ondemand"
+                row = {**record, "source": "on-demand", "run_id": run_id, "mode": row_mode(record)}
+        if row is not None and embedding and "embedding" not in row:
+            row["embedding"] = self._embedding_of(row, index)
+        if row is not None and "embedding" in row:
+            row["embedding"] = np.asarray(row["embedding"], np.float32)
+        return row
+
+    def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes], dict]:
+        """One user's PEFT files through the committed manifest (or on-demand record), checked.
+
+        A folder is checked against the row's sha256; an embeddings-only row is generated by the
+        row's hypernet (loaded once per store object), its embedding checked first.
+        """
+        row = self.adapter_row(user_id, hypernet_id)
+        if row is None:
+            raise self._not_found(user_id, hypernet_id)
+        if row["mode"] == "embeddings":
+            from p2p.store.embedded import files_from_rows
+
+            row["embedding"] = self._embedding_of(row, self._index)
+            hypernet, hid = self._hypernet(row["hypernet_id"])
+            [files] = files_from_rows(hypernet, hid, [row])
+            return files, {k: v for k, v in row.items() if k != "embedding"}
+        try:
+            files = {name: self.objects.read(f"{row['adapter_uri']}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        except FileNotFoundError as exc:
+            if self.tombstones.is_deleted(user_id):
+                raise UserDeleted(f"user {user_id!r} was deleted from {self.uri}") from None
+            raise AdapterCorrupt(f"adapter of user {user_id!r} is missing from {self.uri}: {exc}; "
+                                 f"`p2p refresh --full` rewrites it") from None
+        if digest(files) != row["sha256"]:
+            raise AdapterCorrupt(f"adapter of user {user_id!r} at {self.url(row['adapter_uri'])} fails its sha256 "
+                                 f"check (manifest {row['sha256'][:12]}..., files {digest(files)[:12]}...): corrupted; "
+                                 f"`p2p refresh --full` rewrites it")
+        return files, row
+
+    def fetch_adapter(self, user_id: str, local_dir: str, hypernet_id: str | None = None) -> dict:
+        """Copy one user's checked PEFT folder to `local_dir` (for `PeftModel.from_pretrained`)."""
+        files, row = self.read_adapter(user_id, hypernet_id)
+        os.makedirs(local_dir, exist_ok=True)
+        for name, data in files.items():
+            with open(os.path.join(local_dir, name), "wb") as f:
+                f.write(data)
+        return row
+
+    def embedding(self, user_id: str, hypernet_id: str | None = None) -> np.ndarray | None:
+        """A user's stored embedding: enough to regenerate the adapter without the history."""
+        row = self.adapter_row(user_id, hypernet_id, embedding=True)
+        return None if row is None else row["embedding"]
+
+    # --- manifests and commits -----------------------------------------------------------------------
+
+    def write_manifest_part(self, hypernet_id: str, run_id: str, rows: list[dict], dim: int) -> str | None:
+        return self.manifests.write_part(hypernet_id, run_id, rows, dim)
+
+    def begin(self, hypernet_id: str) -> str:
+        """A new run id (taking the lease for this run unless inside `leased`)."""
+        return self.runs.begin(hypernet_id, self._held_lease(f"run of {hypernet_id}")).run_id
+
+    def commit(self, hypernet_id: str, run_id: str, parts: list[str], users: int, mode: str = "adapters") -> Committed:
+        """Make a run the one servers read (see p2p.store.runs)."""
+        try:
+            committed = self.runs.commit(hypernet_id, run_id, [p for p in parts if p], users,
+                                         self._held_lease(f"commit of {hypernet_id}"), mode=mode)
+        finally:
+            self._release_implicit()
+        return committed
+
+    def abandon(self, hypernet_id: str, run_id: str) -> None:
+        try:
+            self.runs.abandon(hypernet_id, run_id, self._held_lease(f"run of {hypernet_id}"))
+        finally:
+            self._release_implicit()
+
+    def current(self, hypernet_id: str | None = None) -> Committed | None:
+        """The committed run of `hypernet_id` (default: the hypernet committed last), or None."""
+        return self.runs.current(hypernet_id)
+
+    def recover(self, hypernet_id: str | None = None) -> list[Committed]:
+        """Rewrite unreadable `CURRENT` pointers from the newest complete commit records."""
+        hids = [hypernet_id] if hypernet_id else self._manifest_hypernets()
+        out = []
+        try:
+            lease = self._held_lease("recover")
+            for hid in hids:
+                try:
+                    if self.runs.current(hid) is not None:
+                        continue
+                except StoreDamaged:
+                    pass
+                if self.runs.history(hid):
+                    out.append(self.runs.recover(hid, lease))
+        finally:
+            self._release_implicit()
+        return out
+
+    def manifest(self, committed: Committed | None, columns: list[str] | None = None) -> pa.Table | None:
+        return None if committed is None else self.manifests.read(committed, columns)
+
+    def manifest_rows(self, committed: Committed) -> dict[str, dict]:
+        """user_id -> manifest row (without the embedding). Small stores only: `adapter_row` scales."""
+        index = self._index_of(committed)
+        return {r["user_id"]: r for r in index.table.drop_columns(["part"]).to_pylist()}
+
+    def stat(self, hypernet_id: str | None = None) -> dict:
+        if not self.objects.root_exists():
+            raise StoreUnavailable(f"no store at {self.uri} (nothing has been written there; mistyped?)")
+        committed = self.current(hypernet_id)
+        holder = lease_holder(self.objects)
+        out = {"store": self.uri, "hypernets": self.hypernet_ids(), "committed": None,
+               "lease": holder.describe() if holder else None, "deleted_users": len(self.tombstones.hashes())}
+        if committed is not None:
+            table = self.manifest(committed, ["bytes", "adapter_uri"])
+            out["committed"] = {
+                **{k: v for k, v in committed.__dict__.items() if k != "parts"},
+                "adapter_bytes": int(pc.sum(table.column("bytes")).as_py() or 0),
+                "embeddings_only_users": table.column("adapter_uri").null_count,
+                "pending_run": (p.run_id if (p := self.runs.pending(committed.hypernet_id)) else None),
+                "commits_kept": len(self.runs.history(committed.hypernet_id)),
+            }
+        return out
+
+    # --- privacy ---------------------------------------------------------------------------------------
+
+    def delete_users(self, user_ids: list[str], wait_s: float = 60.0) -> int:
+        """Delete users completely (see p2p.store.deletion); returns the committed rows removed."""
+        from p2p.store.deletion import delete_users
+
+        try:
+            report = delete_users(self, user_ids, self._held_lease("delete-users", wait_s))
+        finally:
+            self._release_implicit()
+        return report.committed_rows_removed
+
+    def is_deleted(self, user_id: str) -> bool:
+        return self.tombstones.is_deleted(user_id)
+
+    def deleted_since(self, token: str | None) -> tuple[str | None, set[str]]:
+        """(token, sha256 of ids deleted since `token`): a server drops these users from its caches."""
+        return self.tombstones.since(token)
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _index_of(self, committed: Committed) -> ManifestIndex:
+        key = (committed.hypernet_id, committed.run_id, committed.created_at)
+        with self._index_guard:
+            index = self._index
+            if index is None or (index.committed.hypernet_id, index.committed.run_id, index.committed.created_at) != key:
+                index = self._index = ManifestIndex(self.manifests, committed)
+        return index
+
+    def _on_demand(self, hypernet_id: str, user_id: str) -> dict | None:
+        try:
+            data = self.objects.read(layout.on_demand_record(hypernet_id, user_id))
+        except FileNotFoundError:
+            return None
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable):
+                raise
+            return None  # an id with no key (empty) has no record
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise AdapterCorrupt(f"on-demand record of user {user_id!r} in {self.uri} is unreadable; "
+                                 f"make the adapter again") from None
+
+    def _embedding_of(self, row: dict, index: ManifestIndex | None) -> np.ndarray:
+        if "embedding" in row:
+            return np.asarray(row["embedding"], np.float32)
+        if row["source"] == "manifest" and index is not None:
+            return index.embeddings([row["user_id"]])[row["user_id"]]
+        try:
+            return np.asarray(json.loads(self.objects.read(f"{row['adapter_uri']}/{MARKER}"))["embedding"], np.float32)
+        except (FileNotFoundError, ValueError, KeyError):
+            raise AdapterCorrupt(f"the embedding of user {row['user_id']!r} is missing from {self.uri}") from None
+
+    def _hypernet(self, hypernet_id: str):
+        if hypernet_id not in self._hypernets:
+            self._hypernets[hypernet_id] = self.load_hypernet(hypernet_id)
+        return self._hypernets[hypernet_id]
+
+    def _not_found(self, user_id: str, hypernet_id: str | None) -> AdapterNotFound:
+        if user_id and self.tombstones.is_deleted(user_id):
+            return UserDeleted(f"user {user_id!r} was deleted from {self.uri}")
+        return AdapterNotFound(f"user {user_id!r} has no adapter in {self.uri}"
+                               + (f" for hypernet {hypernet_id}" if hypernet_id else ""))
+
+    def _manifest_hypernets(self) -> list[str]:
+        """Hypernets with anything under manifests/ (a commit may outlive its published hypernet)."""
+        found = {rel.split("/")[1] for rel in self.objects.list("manifests") if rel.count("/") >= 2}
+        return sorted(found | set(self.hypernet_ids()))

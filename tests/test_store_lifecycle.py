@@ -1,0 +1,56 @@
+"""A refresh across `delete-users` (and `--readmit`), and a refresh stopped by SIGTERM, on a local Ray cluster."""
+
+import signal
+import time
+
+import pytest
+from test_store_refresh import N_USERS, _check_every_row, _refresh, _start, _wait_for, write_data40
+
+from p2p.data.schemas import read_table
+from p2p.store import AdapterStore, layout
+from p2p.store.lease import lease_holder
+
+
+@pytest.fixture(scope="module")
+def data40(tmp_path_factory):
+    return write_data40(tmp_path_factory)
+
+
+def test_refresh_across_delete_users_and_readmit(ray_cluster, data40, tiny_hypernet, tmp_path):
+    """Deletion waits for the running refresh, then no later refresh brings the users back unless re-admitted."""
+    uri = str(tmp_path / "store")
+    users = read_table(f"{data40}/users", "users").column("user_id").to_pylist()
+    gone = users[3:8]
+    job = _start(ray_cluster, "--hypernet", tiny_hypernet, "--data", data40, "--store", uri)
+    store = AdapterStore(uri)
+    _wait_for(lambda: lease_holder(store.objects) is not None, job)
+    removed = store.delete_users(gone, wait_s=300)  # blocks until the refresh has committed
+    assert job.wait(timeout=300) == 0
+    assert removed == len(gone)
+    assert _check_every_row(uri) == set(users) - set(gone)
+
+    again = _refresh(tiny_hypernet, data40, uri)  # the data still holds the deleted users
+    assert again.deleted == len(gone) and not again.committed  # left out, nothing else changed
+    assert _check_every_row(uri) == set(users) - set(gone)
+    assert not store.objects.list(layout.adapter_prefix(again.hypernet_id, gone[0]))
+
+    back = _refresh(tiny_hypernet, data40, uri, readmit=[gone[0]])
+    assert back.committed and back.readmitted == 1 and back.written == 1 and back.deleted == len(gone) - 1
+    assert _check_every_row(uri) == set(users) - set(gone[1:])
+
+
+def test_sigterm_stops_the_driver_its_workers_and_frees_the_lease(ray_cluster, data40, tiny_hypernet, tmp_path):
+    uri = str(tmp_path / "store")
+    job = _start(ray_cluster, "--hypernet", tiny_hypernet, "--data", data40, "--store", uri)
+    folders = tmp_path / "store" / "adapters"
+    _wait_for(lambda: sum(1 for _ in folders.rglob("p2p.json")) >= 4, job)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 143
+    written = sum(1 for _ in folders.rglob("p2p.json"))
+    time.sleep(3)
+    assert sum(1 for _ in folders.rglob("p2p.json")) == written < N_USERS  # no orphan kept writing
+    store = AdapterStore(uri)
+    assert lease_holder(store.objects) is None and store.current() is None
+    resumed = _refresh(tiny_hypernet, data40, uri)  # no lease to wait out; the dead run's rows are reused
+    assert resumed.committed and resumed.resumed + resumed.written == N_USERS
+    assert _check_every_row(uri) == set(read_table(f"{data40}/users", "users").column("user_id").to_pylist())
