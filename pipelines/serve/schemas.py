@@ -93,6 +93,8 @@ class Sampling(Closed):
 
 
 class CompletionRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Which tag fits this movie?", "max_tokens": 8, "user": "u0000042"}]})
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -157,6 +159,9 @@ class Message(Closed):
 
 
 class ChatRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Which tag fits this movie?"}], "max_completion_tokens": 8,
+         "user": "u0000042", "stream": True}]})
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
@@ -193,6 +198,9 @@ class HistoryItem(Closed):
 
 
 class AdapterRequest(Closed):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"history": [{"item_id": "1", "text": "A haunted house at night.", "label": "horror", "ts": 1700000000}],
+         "replace": False}]})
     history: Annotated[list[HistoryItem], Field(min_length=1)]
     updated_at: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     replace: bool = False  # an existing user's adapter is replaced only when this is true (else 409)
