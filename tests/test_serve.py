@@ -353,6 +353,15 @@ def test_open_dev_mode_and_an_unreachable_store(served, tiny_hypernet, moto_s3):
         os.environ.pop("AWS_MAX_ATTEMPTS", None)
 
 
+def test_serve_command_fails_in_one_line_before_starting_ray(tmp_path, capsys):
+    from p2p.cli import main
+
+    assert main(["serve", "--store", str(tmp_path / "empty")]) == 2
+    assert "no committed manifest" in capsys.readouterr().err
+    assert main(["serve", "--store", str(tmp_path / "empty"), "--max-tokens", "0"]) == 2
+    assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
 def test_keys_resolve_from_the_environment_and_legacy_key_never_opens_the_server():
     from pipelines.serve.auth import Keys
 

@@ -220,8 +220,8 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> st
     """Start Serve's HTTP proxy on host:port and deploy the app; returns the base URL once it answers."""
     from pipelines.ray_setup import ensure_ray
 
+    StoreAccess(store, kwargs.get("hypernet_id"))  # an unreachable or empty store fails here, in one line
     ensure_ray()
-    StoreAccess(store, kwargs.get("hypernet_id"))  # an unreachable store fails here, in one line, not in a replica
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store, **kwargs), name="p2p", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"

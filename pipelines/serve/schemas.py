@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from p2p.errors import P2PError
 from p2p.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -30,6 +31,12 @@ class Limits:
     max_tokens: int = 512  # generated tokens per choice (also the chat default when none is asked)
     max_choices: int = 16  # prompts x n in one request
     max_history_items: int = 1000  # items in one adapter build
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_choices", "max_history_items"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise P2PError(f"serve limit {name} must be a positive integer, got {value!r}")
 
 
 def check_utf8(value: str) -> str:
