@@ -1,24 +1,33 @@
-"""Serving throughput and latency over real HTTP: base model vs personalized, warm vs cold adapters.
+"""Continuous vs static batching over real HTTP, in one run: staggered arrivals from many users.
 
-    python -m bench.serve [--clients 8] [--requests 32] [--max-tokens 16]
+    python -m bench.serve [--requests 32] [--mean-gap-ms 600] [--short 8] [--long 48] [--replica-cpus 1]
 
-SmolLM2-135M behind `p2p serve` (one replica with 2 CPUs) and a `file://` store of adapters
-(top 8 layers x q,v, r=8) made by a hypernetwork with random weights: the cost of serving an
-adapter does not depend on what it learned. N closed-loop clients send the same prompt:
-(a) no user: base model; (b) every request the same user; (c) every request a different user,
-adapters already cached; (d) every request a user not yet cached (loaded from the store).
-Also: p50 of one cold adapter load (store read + digest + tensors) and of an on-demand adapter
-(POST /v1/users/{id}/adapter: profile, MiniLM, hypernet, store write). Goal: (c) >= 0.8 x (a).
+SmolLM2-135M behind `p2p serve`, one replica per loop, deployed side by side on one Serve
+instance and measured one after the other with the same arrival schedule: requests from
+different (cached) users arrive at Poisson times (mean gap `--mean-gap-ms`), alternating short
+and long answers (`--short` / `--long` max_tokens), each streamed so time to first token is seen.
+
+- static: the old policy, a batch gathered for 50 ms runs until its longest row finishes;
+  requests that arrive meanwhile wait for the whole batch.
+- continuous: a request joins the running decode loop at the next step; finished rows leave.
+
+Reports tokens/s, p50/p95 latency and time to first token, and the engine's mean rows per step,
+as ratios continuous / static. The adapters come from a hypernetwork with random weights: the
+cost of serving an adapter does not depend on what it learned. One torch thread per replica by
+default: on a machine shared with other work, more threads than free cores makes every step
+wait for the slowest thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import socket
 import statistics
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
@@ -27,11 +36,11 @@ import torch
 from bench.report import write
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.hypernet import Hypernetwork, make_config, save_hypernet
-from p2p.lora import adapter_from_files
 from p2p.models import load_base_model
 from p2p.store import AdapterStore
 
 PROMPT = "Write a one-line review of a quiet cafe."
+MODES = ("static", "continuous")
 
 
 def build_store(root: str, users: int) -> AdapterStore:
@@ -55,86 +64,115 @@ def build_store(root: str, users: int) -> AdapterStore:
     return store
 
 
-def load(url: str, users: list[str | None], clients: int, max_tokens: int) -> dict:
-    """Closed loop: `clients` threads, each sends its next request when the last one returns."""
-    latencies, tokens = [], 0
+def schedule(n: int, mean_gap_s: float, short: int, long: int, seed: int) -> list[tuple[float, str, int]]:
+    """(send time, user, max_tokens) for each request: Poisson arrivals, alternating short and long."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        out.append((t, f"user{i:05d}", short if i % 2 == 0 else long))
+        t += rng.expovariate(1.0 / mean_gap_s)
+    return out
 
-    def one(user):
-        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0}
-        if user is not None:
-            body["user"] = user
-        t = time.perf_counter()
-        r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return time.perf_counter() - t, r.json()
 
+def one(url: str, user: str, max_tokens: int) -> dict:
+    """One streamed chat completion: time to first token, latency, tokens."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0,
+            "user": user, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for seconds, body in pool.map(one, users):
-            latencies.append(seconds)
-            tokens += body["usage"]["completion_tokens"]
-            assert body["personalized"] == (users[0] is not None), body
-    wall = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=20)
-    return {"requests": len(users), "tokens": tokens, "seconds": round(wall, 2), "tokens/s": round(tokens / wall, 1),
-            "p50 ms": round(statistics.median(latencies) * 1000), "p95 ms": round(q[18] * 1000)}
+    first, tokens = None, 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if first is None and any(c["delta"].get("content") for c in event["choices"]):
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - t0, "ttft": first if first is not None else float("nan"),
+            "tokens": tokens}
+
+
+def run(url: str, plan: list[tuple[float, str, int]]) -> dict:
+    """Send `plan` open-loop (each request at its time, whatever the others do); gather the figures."""
+    results: list[dict] = [{}] * len(plan)
+    start = time.perf_counter() + 0.2
+
+    def send(i: int, at: float, user: str, max_tokens: int) -> None:
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        results[i] = one(url, user, max_tokens)
+
+    threads = [threading.Thread(target=send, args=(i, *p)) for i, p in enumerate(plan)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(plan), "tokens": tokens, "seconds": round(wall, 2), "tokens/s": round(tokens / wall, 2),
+            "p50 latency ms": round(statistics.median(lat) * 1000), "p95 latency ms": round(_p95(lat) * 1000),
+            "p50 TTFT ms": round(statistics.median(ttft) * 1000), "p95 TTFT ms": round(_p95(ttft) * 1000)}
+
+
+def _p95(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=20)[18] if len(xs) > 1 else xs[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--mean-gap-ms", type=float, default=600)
+    parser.add_argument("--short", type=int, default=8)
+    parser.add_argument("--long", type=int, default=48)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--replica-cpus", type=float, default=1)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    n = args.requests
     root = tempfile.mkdtemp(prefix="bench-serve-")
-    store = build_store(root, users=3 * n + 8)
-    users = [f"user{i:05d}" for i in range(3 * n + 8)]
-
-    timings = []
-    for uid in users[-8:]:
-        t = time.perf_counter()
-        adapter_from_files(store.read_adapter(uid)[0])
-        timings.append(time.perf_counter() - t)
-    cold_load_ms = statistics.median(timings) * 1000
+    store = build_store(root, users=args.requests)
+    plan = schedule(args.requests, args.mean_gap_ms / 1000, args.short, args.long, args.seed)
 
     from ray import serve
 
-    from pipelines.serve import start
-
+    from pipelines.ray_setup import ensure_ray
+    from pipelines.serve import build_app
+    ensure_ray()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start(store.uri, port=port, recheck_s=60.0, max_batch_size=args.clients, batch_wait_s=0.01,
-                cpus_per_replica=2)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows = []
     try:
-        requests.get(f"{url}/healthz", timeout=300).raise_for_status()
-        load(url, [None] * args.clients, args.clients, 2)  # warm up the replica
-        warm = users[:n]
-        load(url, warm, args.clients, 1)  # (c) needs these cached
-        rows = []
-        scenarios = [("(a) base model, no user", [None] * n), ("(b) one user, every request", [users[0]] * n),
-                     ("(c) a different user per request, cached", warm),
-                     ("(d) a different user per request, cold (file:// store)", users[n : 2 * n])]
-        for name, batch in scenarios:
-            rows.append({"scenario": name, **load(url, batch, args.clients, args.max_tokens)})
-        history = [{"item_id": f"i{i}", "text": f"A calm cafe with good tea, visit {i}.", "label": "4", "ts": i}
-                   for i in range(20)]
-        on_demand = []
-        for i in range(5):
-            t = time.perf_counter()
-            requests.post(f"{url}/v1/users/new{i}/adapter", json={"history": history}, timeout=300).raise_for_status()
-            on_demand.append(time.perf_counter() - t)
-        stats = requests.get(f"{url}/healthz", timeout=30).json()["stats"]
+        for mode in MODES:
+            serve.run(build_app(store.uri, recheck_s=3600, batching=mode, max_batch_size=args.max_batch_size,
+                                batch_wait_s=0.05, cpus_per_replica=args.replica_cpus),
+                      name=mode, route_prefix=f"/{mode}", blocking=False)
+            url = f"http://127.0.0.1:{port}/{mode}"
+            requests.get(f"{url}/healthz", timeout=600).raise_for_status()
+            for _, user, _ in plan:  # every user's adapter cached, the model warm
+                one(url, user, 1)
+            before = requests.get(f"{url}/healthz", timeout=30).json()["engine"]
+            row = {"loop": mode, **run(url, plan)}
+            after = requests.get(f"{url}/healthz", timeout=30).json()["engine"]
+            steps = after["steps"] - before["steps"]
+            row["mean rows/step"] = round((after["tokens"] - before["tokens"]) / max(steps, 1), 2)
+            rows.append(row)
+            serve.delete(mode)
     finally:
         serve.shutdown()
-    base, mixed = rows[0]["tokens/s"], rows[2]["tokens/s"]
+    static, continuous = rows
     summary = {
-        "clients": args.clients, "max_tokens": args.max_tokens, "replica_cpus": 2,
-        "mixed_users_vs_base_throughput": round(mixed / base, 3), "goal": ">= 0.8",
-        "cold_adapter_load_p50_ms": round(cold_load_ms, 1),
-        "on_demand_adapter_p50_ms (first includes loading MiniLM)": round(statistics.median(on_demand) * 1000),
-        "mean_rows_per_batch": round(stats["rows"] / max(stats["batches"], 1), 2),
+        "model": "smollm2-135m (top 8 layers x q,v adapters, r=8)", "replica_cpus": args.replica_cpus,
+        "requests": args.requests, "mean_gap_ms": args.mean_gap_ms, "max_tokens": f"{args.short}/{args.long} alternating",
+        "continuous_vs_static_tokens_per_s": round(continuous["tokens/s"] / static["tokens/s"], 3),
+        "continuous_vs_static_p50_latency": round(continuous["p50 latency ms"] / static["p50 latency ms"], 3),
+        "continuous_vs_static_p95_latency": round(continuous["p95 latency ms"] / static["p95 latency ms"], 3),
+        "continuous_vs_static_p95_ttft": round(continuous["p95 TTFT ms"] / static["p95 TTFT ms"], 3),
     }
     write("serve", rows, summary)
 

@@ -104,15 +104,16 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
         question = e["input"].split("\n")[-1]
         answers = {}
         for who in (e["user_id"], None):
-            body = {"messages": [{"role": "user", "content": e["input"]}], "max_tokens": 8}
+            body = {"messages": [{"role": "user", "content": e["input"]}], "max_tokens": 8, "temperature": 0}
             if who:
                 body["user"] = who
             answers[who] = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
         p = answers[e["user_id"]]
         print(f"\n    user {e['user_id']}  {question}")
         print(f"      their own tag:        {e['target']}")
-        print(f"      base model:           {answers[None]['text']!r}")
-        print(f"      personalized (p2p):   {p['text']!r}   (adapter from run {p['adapter']['run_id']})")
+        text = {who: a["choices"][0]["message"]["content"] for who, a in answers.items()}
+        print(f"      base model:           {text[None]!r}")
+        print(f"      personalized (p2p):   {text[e['user_id']]!r}   (adapter from run {p['adapter']['run_id']})")
     from ray import serve
 
     serve.shutdown()

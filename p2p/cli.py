@@ -225,14 +225,27 @@ def cmd_store(args: argparse.Namespace) -> int:
         fixed = store.recover(args.hypernet_id)
         print("\n".join(f"{c.hypernet_id}: CURRENT -> run {c.run_id} ({c.users} users)" for c in fixed)
               or "nothing to recover: every CURRENT is readable")
+    elif args.action == "export":
+        from p2p.export import export_vllm, vllm_command
+
+        if not args.out:
+            raise P2PError("store export needs --out (a folder, or an s3:// prefix for Ray Serve LLM)")
+        done = export_vllm(store, args.out, args.base_model, users or None, args.hypernet_id)
+        print(f"exported {len(done.names)} adapter(s) of hypernet {done.hypernet_id} to {done.out} "
+              f"(layout {args.layout}, base_model_name_or_path {done.base_model!r}; index {done.out}/p2p_export.json)")
+        if done.names:
+            print(f"  {vllm_command(done)}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipelines.serve import run_server
+    from pipelines.serve import Limits, run_server
 
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens, max_choices=args.max_choices, max_history_items=args.max_history_items)
     run_server(args.store, hypernet_id=args.hypernet, base=args.base, host=args.host, port=args.port,
-               unknown_user=args.unknown_user, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica)
+               unknown_user=args.unknown_user, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+               max_batch_size=args.max_batch_size, batching=args.batching, limits=limits)
     return 0
 
 
@@ -356,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a user without an adapter gets the base model, or 404")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs (torch threads) per replica")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="continuous: requests join the running decode loop at the next step; static: batch by batch")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together per replica")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="per prompt (default: the model's context)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-choices", type=int, default=16, help="largest prompts x n in one request")
+    p.add_argument("--max-history-items", type=int, default=1000, help="largest history of an adapter build")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="P2P vs the controls and baselines on held-out users: report with CIs + plots")
@@ -377,18 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("store", help="inspect the store, fetch adapters, delete users (privacy), gc, recover")
-    p.add_argument("action", choices=["stat", "fetch", "delete-users", "gc", "recover"])
+    p = sub.add_parser("store", help="inspect the store, fetch or export adapters, delete users (privacy), gc, recover")
+    p.add_argument("action", choices=["stat", "fetch", "export", "delete-users", "gc", "recover"])
     p.add_argument("--store", required=True)
     p.add_argument("--hypernet-id", default=None, help="default: the hypernet committed last")
     p.add_argument("--users", default=None, help="comma-separated user ids")
     p.add_argument("--users-file", default=None, help="user ids, one per line (ids may contain commas)")
-    p.add_argument("--out", default=None, help="fetch: folder that gets one PEFT folder per user (escaped id)")
+    p.add_argument("--out", default=None, help="fetch: folder that gets one PEFT folder per user (escaped id); export: folder or s3:// prefix")
     p.add_argument("--wait", type=float, default=0.0, help="delete-users, gc: seconds to wait for the lease")
     p.add_argument("--keep-runs", type=int, default=2, help="gc: newest committed runs kept per hypernet")
     p.add_argument("--grace", type=float, default=3600.0,
                    help="gc: seconds a replaced run and any unreferenced object are kept for readers")
     p.add_argument("--dry-run", action="store_true", help="gc: report what would be freed, delete nothing")
+    p.add_argument("--layout", default="vllm", choices=["vllm"], help="export: folder names and configs for vLLM")
+    p.add_argument("--base-model", default=None,
+                   help="export: the base model name vLLM serves (its model path or --served-model-name); "
+                        "vLLM's filesystem resolver loads an adapter only when they match")
     p.set_defaults(func=cmd_store)
     return parser
 

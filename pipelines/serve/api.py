@@ -1,0 +1,107 @@
+"""The HTTP API of one replica: OpenAI's endpoints, p2p's user endpoints, health.
+
+Built per replica (`P2PServer.__serve_build_asgi_app__`) so its keys and limits are that
+deployment's. `Guard` (pipelines/serve/auth.py) sits in front of the routes: a request without
+the right key, or announcing a body over the limit, is refused before its body is read.
+
+No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime.
+"""
+
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import FastAPI, Path, Request, Security
+from fastapi.security import HTTPBearer
+from pydantic import AfterValidator, BaseModel
+
+from pipelines.serve import errors
+from pipelines.serve.auth import ADMIN_ENV, SERVICE_ENV, Guard
+from pipelines.serve.errors import SafeJSONResponse
+from pipelines.serve.schemas import AdapterRequest, ChatRequest, CompletionRequest, check_utf8
+from pipelines.serve.users import MULTIPLEX_HEADER
+
+if TYPE_CHECKING:
+    from pipelines.serve.deployment import P2PServer
+
+DESCRIPTION = f"""Personalized completions: one LoRA adapter per user, made by a hypernetwork.
+
+OpenAI-compatible `/v1/completions`, `/v1/chat/completions` (streaming with `stream: true`) and
+`/v1/models`. Name the user with `user`, the `{MULTIPLEX_HEADER}` header, or `model` as
+`<base>:<user id>`. Keys: `Authorization: Bearer $SERVICE_KEY` ({SERVICE_ENV}) for the OpenAI
+endpoints, `$ADMIN_KEY` ({ADMIN_ENV}) for `/v1/users`; with neither set the server is open."""
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (400, "invalid request"), (401, "missing or invalid key"), (403, "key lacks the scope"),
+    (404, "no such model or user"), (413, "body too large"), (503, "store or engine unavailable"))}
+USER_ERRORS = {**ERRORS, 409: {"model": ErrorBody, "description": "the user already has an adapter"}}
+UserId = Annotated[str, Path(min_length=1, max_length=512), AfterValidator(check_utf8)]
+
+
+def build_api(server: "P2PServer") -> FastAPI:
+    app = FastAPI(title="p2p", description=DESCRIPTION, default_response_class=SafeJSONResponse)
+    app.add_middleware(Guard, keys=server.keys, max_body_bytes=server.limits.max_body_bytes)
+    errors.install(app)
+    bearer = Security(HTTPBearer(auto_error=False, description=f"{SERVICE_ENV} or {ADMIN_ENV}"))
+    service = {"dependencies": [bearer], "responses": ERRORS, "response_model": None}
+    admin = {"dependencies": [bearer], "responses": USER_ERRORS, "response_model": None, "tags": ["users (admin key)"]}
+
+    @app.post("/v1/completions", **service)
+    async def completions(req: CompletionRequest, request: Request):
+        """OpenAI completions: `prompt` is a string, a list of strings, token ids or lists of token ids."""
+        server.count("completions")
+        target = await server.target(req.model, req.user, request.headers.get(MULTIPLEX_HEADER))
+        return await server.completions.completion(req, target)
+
+    @app.post("/v1/chat/completions", **service)
+    async def chat(req: ChatRequest, request: Request):
+        """OpenAI chat completions through the base model's chat template."""
+        server.count("chat")
+        target = await server.target(req.model, req.user, request.headers.get(MULTIPLEX_HEADER))
+        return await server.completions.chat(req, target)
+
+    @app.get("/v1/models", **service)
+    async def models():
+        """The base model (users' adapters are `<base>:<user id>`; they are not listed)."""
+        return {"object": "list", "data": [server.model_card(server.base_name)]}
+
+    @app.get("/v1/models/{model:path}", **service)
+    async def model(model: Annotated[str, Path(max_length=1024), AfterValidator(check_utf8)]):
+        return server.model_card(model)
+
+    @app.post("/v1/users/{user_id}/adapter", **admin)
+    async def make_adapter(user_id: UserId, req: AdapterRequest):
+        """Build a user's adapter from a history now (profile, encoder, hypernet, store).
+
+        An existing user's adapter is replaced only with `"replace": true` (else 409).
+        """
+        server.count("adapters_built")
+        return await server.build_adapter(user_id, req)
+
+    @app.get("/v1/users/{user_id}", **admin)
+    async def user_info(user_id: UserId):
+        """The user's adapter record (manifest or on-demand row)."""
+        return await server.user_record(user_id)
+
+    @app.delete("/v1/users/{user_id}", **admin)
+    async def delete_user(user_id: UserId):
+        """Forget the user: every adapter version in the store, the manifest rows, this replica's cache."""
+        server.count("users_deleted")
+        return await server.delete_user(user_id)
+
+    @app.get("/healthz")
+    async def healthz(request: Request):
+        """Liveness for anyone; the details (model, hypernet, engine counters) only with a valid key."""
+        return server.health(detailed=bool(request.state.scopes))
+
+    return app

@@ -1,0 +1,213 @@
+"""The request bodies the API accepts: OpenAI's completions and chat, and p2p's adapter builds.
+
+Strict and closed on purpose. Numbers must be numbers (no "5" for 5, no NaN or Infinity),
+strings must be valid UTF-8 (a lone surrogate would fail the tokenizer or the store later),
+and a parameter this server does not implement is a 400 naming it (`extra="forbid"`), never
+silently ignored. Explicit nulls mean "default", as in OpenAI's API.
+
+`Limits` holds the bounds that depend on deployment (body size, tokens, choices, history).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from p2p.errors import P2PError
+from p2p.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP, MAX_STOP_CHARS = 4, 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Each bound answers 400/413 with a message, never a stalled replica."""
+
+    max_body_bytes: int = 1 << 20  # any request body; checked from Content-Length, then while reading
+    max_prompt_tokens: int | None = None  # per prompt; None: the base model's context
+    max_tokens: int = 512  # generated tokens per choice (also the chat default when none is asked)
+    max_choices: int = 16  # prompts x n in one request
+    max_history_items: int = 1000  # items in one adapter build
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_choices", "max_history_items"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise P2PError(f"serve limit {name} must be a positive integer, got {value!r}")
+
+
+def check_utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (it contains a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_utf8)]
+Name = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(check_utf8)]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(Closed):
+    include_usage: bool | None = None
+
+
+class Sampling(Closed):
+    """What both completion endpoints take besides the prompt."""
+
+    model: Annotated[str, Field(max_length=1024), AfterValidator(check_utf8)] | None = None
+    user: Name | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    return_token_ids: bool | None = None  # vLLM's extension: each choice's generated token ids
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Which tag fits this movie?", "max_tokens": 8, "user": "u0000042"}]})
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: Text | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type!r} is not supported (only 'text')")
+        if self.text is None:
+            raise ValueError("a text content part needs 'text'")
+        if self.model_extra:
+            raise ValueError(f"unsupported content part field(s) {sorted(self.model_extra)}")
+        return self
+
+
+class Message(Closed):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _no_name(cls, value):
+        if value is not None:
+            raise ValueError("message names are not supported")
+        return value
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Which tag fits this movie?"}], "max_completion_tokens": 8,
+         "user": "u0000042", "stream": True}]})
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than {'type': 'text'} is not supported")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools are not supported")
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user'")
+        return self
+
+    @property
+    def budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class HistoryItem(Closed):
+    item_id: Name
+    text: Annotated[str, Field(max_length=100_000), AfterValidator(check_utf8)]
+    label: Annotated[str, Field(max_length=10_000), AfterValidator(check_utf8)] | None = None
+    ts: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class AdapterRequest(Closed):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"history": [{"item_id": "1", "text": "A haunted house at night.", "label": "horror", "ts": 1700000000}],
+         "replace": False}]})
+    history: Annotated[list[HistoryItem], Field(min_length=1)]
+    updated_at: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    replace: bool = False  # an existing user's adapter is replaced only when this is true (else 409)

@@ -1,0 +1,106 @@
+"""Every call the server makes to the adapter store, and the one place its errors are classified.
+
+The server needs three outcomes from a read: the user has no adapter (serve the base model or
+404; a deleted user is one), the adapter is there but broken (serve the base model and say so:
+one bad object must not take a user offline), or the store is unreachable (503, the replica
+stays up). `classify` maps the store's typed errors onto those. An embeddings-only row is turned
+into an adapter by the store's read (one hypernet pass, the row's hypernet id checked). Each
+method blocks: callers run it with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2p.errors import P2PError
+from p2p.lora import UserAdapter, adapter_from_files
+from p2p.store import AdapterNotFound, AdapterStore, StoreError, StoreUnavailable
+
+NOT_FOUND, BROKEN, UNAVAILABLE = "not found", "broken", "unavailable"
+
+
+class StoreDown(P2PError):
+    """The store cannot be reached (or answers nonsense): the request is 503, the replica stays up."""
+
+
+@dataclass
+class Loaded:
+    """One user's adapter as the server uses it: tensors and manifest row, or why there is none."""
+
+    adapter: UserAdapter | None = None
+    row: dict | None = None
+    error: str | None = None  # set when the adapter exists but cannot be used (digest mismatch, missing file)
+
+
+def classify(exc: StoreError) -> str:
+    """NOT_FOUND (no adapter, or the user was deleted), UNAVAILABLE (the storage failed), else BROKEN."""
+    if isinstance(exc, AdapterNotFound):
+        return NOT_FOUND
+    if isinstance(exc, StoreUnavailable):
+        return UNAVAILABLE
+    return BROKEN  # AdapterCorrupt, StoreDamaged, a row made by another hypernet: this user only
+
+
+class StoreAccess:
+    def __init__(self, uri: str, hypernet_id: str | None = None):
+        self.store = AdapterStore(uri)
+        self.uri = uri
+        self.hypernet_id = hypernet_id or self._default_hypernet()
+
+    def _default_hypernet(self) -> str:
+        committed = self._call(self.store.current)
+        if committed is not None:
+            return committed.hypernet_id
+        ids = self._call(self.store.hypernet_ids)
+        if len(ids) == 1:
+            return ids[0]
+        raise P2PError(f"{self.uri}: no committed manifest; pass --hypernet (stored: {', '.join(ids) or 'none'})")
+
+    def load_hypernet(self):
+        hypernet, _ = self._call(self.store.load_hypernet, self.hypernet_id)
+        return hypernet
+
+    def load(self, user_id: str) -> Loaded:
+        """The user's adapter; a missing one is `Loaded()`, a broken one `Loaded(error=...)`."""
+        try:
+            files, row = self.store.read_adapter(user_id, self.hypernet_id)
+            adapter, _ = adapter_from_files(files)
+            return Loaded(adapter, row)
+        except StoreError as exc:
+            kind = classify(exc)
+            if kind == NOT_FOUND:
+                return Loaded()
+            if kind == BROKEN:
+                return Loaded(error=str(exc))
+            raise StoreDown(str(exc)) from None
+
+    def row(self, user_id: str) -> dict | None:
+        """The manifest or on-demand row the server would use for this user, or None."""
+        try:
+            return self._call(self.store.adapter_row, user_id, self.hypernet_id)
+        except StoreError:  # an unreadable on-demand record: `load` reports it as this user's broken adapter
+            return None
+
+    def write_on_demand(self, user_id: str, files: dict[str, bytes], profile_hash: str,
+                        embedding: np.ndarray) -> dict:
+        return self._call(self.store.write_on_demand, self.hypernet_id, user_id, files, profile_hash, embedding)
+
+    def delete(self, user_id: str) -> int:
+        """Forget the user in the store (every adapter version, every hypernet); manifest rows removed."""
+        return self._call(self.store.delete_users, [user_id])
+
+    def ping(self) -> None:
+        """Fail here, in one line, if the store cannot be read."""
+        self._call(self.store.current, self.hypernet_id)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            if classify(exc) == UNAVAILABLE:
+                raise StoreDown(str(exc)) from None
+            raise
+        except OSError as exc:  # fsspec errors outside the store's own wrapping (permissions, network)
+            raise StoreDown(f"store {self.uri}: {type(exc).__name__}: {exc}") from None
