@@ -86,3 +86,26 @@ def test_on_demand_embedding_only_record(store, tiny_hypernet):
     [adapter] = adapters_from_rows(hypernet, hid, [row])
     [want] = generate_user_adapters(hypernet, emb[None])
     assert all(torch.equal(adapter[p][0], want[p][0]) for p in want)
+
+
+def test_the_server_store_access_serves_embedding_rows_and_drops_deleted_users(tiny_hypernet, tmp_path):
+    """What a serving replica reads (pipelines.serve.store_access), on an embeddings-only store."""
+    from p2p.store import AdapterNotFound, StoreUnavailable, UserDeleted
+    from pipelines.serve.store_access import BROKEN, NOT_FOUND, UNAVAILABLE, StoreAccess, classify
+
+    store = AdapterStore(str(tmp_path / "store"), create=True)
+    hypernet, hid, emb = _commit_embeddings(store, tiny_hypernet, ["e1", "e2"])
+    access = StoreAccess(store.uri)
+    assert access.hypernet_id == hid
+    loaded = access.load("e2")
+    assert loaded.error is None and loaded.row["mode"] == "embeddings"
+    [want] = generate_user_adapters(hypernet, emb[1:2])
+    for path in want:
+        torch.testing.assert_close(loaded.adapter[path][0], want[path][0], rtol=1e-4, atol=1e-5)
+    assert access.load("nobody").adapter is None
+
+    assert access.delete("e2") == 1
+    assert access.row("e2") is None and access.load("e2").adapter is None  # replicas drop it on the next check
+    assert [classify(e) for e in (AdapterNotFound("x"), UserDeleted("x"), StoreUnavailable("x"),
+                                  AdapterCorrupt("x"), StoreError("x"))] == [NOT_FOUND, NOT_FOUND, UNAVAILABLE,
+                                                                             BROKEN, BROKEN]
