@@ -31,7 +31,7 @@ from p2p.data.schemas import read_table
 from p2p.evaluate import EvalConfig, Evaluation
 from p2p.hypernet import save_hypernet
 from p2p.models import load_base_model
-from p2p.pipeline_local import examples_with_embeddings
+from p2p.training import examples_with_embeddings
 
 ZERO_HEADS = {"head_init_std": 0.0, "head_output_scale": 1.0}
 # name -> (what changes, TrainConfig overrides, embedding part)

@@ -28,10 +28,9 @@ from p2p.config import TrainConfig
 from p2p.data.schemas import read_table
 from p2p.data.synthetic import write_synthetic
 from p2p.models import load_base_model
-from p2p.personalizer import ProfileEmbedder
-from p2p.pipeline_local import build_profiles, examples_with_embeddings
+from p2p.personalizer import ProfileEmbedder, build_profiles
 from p2p.profile import ProfileConfig
-from p2p.training import train_local
+from p2p.training import examples_with_embeddings, train_local
 
 
 def main() -> None:

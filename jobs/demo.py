@@ -8,7 +8,8 @@ One local Ray cluster runs every step; it is shut down at the end, on errors and
 Outputs stay in P2P_DEMO_DIR (default ./demo-output). Sizes: P2P_DEMO_USERS (300),
 P2P_DEMO_STEPS (the training steps of jobs/configs/train-demo.yaml), P2P_DEMO_EVAL_USERS (8 per split;
 the demo scores the tag task only, to stay within its time budget: `p2p eval` without --tasks scores all).
-Each step prints the `p2p` command that does the same on its own.
+Each step prints the `p2p` command that does the same on its own. Framework logs (Ray, DeepSpeed,
+transformers) go to a log file whose path is printed first; P2P_VERBOSE=1 shows them here instead.
 """
 
 from __future__ import annotations
@@ -132,7 +133,12 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
 
 
 def main() -> int:
+    from p2p import logs
+
     out = os.path.abspath(os.environ.get("P2P_DEMO_DIR", "demo-output"))
+    log_file = logs.setup("demo", os.environ.get("P2P_VERBOSE") == "1")
+    if log_file:
+        print(f"demo: framework logs -> {log_file} (P2P_VERBOSE=1 shows them here)", flush=True)
     steps = os.environ.get("P2P_DEMO_STEPS")
     tiny = os.environ.get("P2P_DEMO_TINY") == "1"  # tests: tiny-random model and hashing encoder
     try:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from p2p import logs
 from p2p.errors import P2PError
 
 PACKAGES = ("torch", "ray", "deepspeed", "peft", "transformers", "sentence-transformers", "pyarrow")
@@ -118,7 +119,7 @@ def cmd_init_hypernet(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from p2p.pipeline_local import generate_folders
+    from p2p.generate import generate_folders
 
     users = [u for u in args.users.split(",")] if args.users else None
     n = generate_folders(args.hypernet, args.data, args.out, users=users, batch_size=args.batch_size)
@@ -128,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_profiles(args: argparse.Namespace) -> int:
     from p2p.config import load_config
-    from p2p.pipeline_local import users_uri
+    from p2p.data.schemas import users_uri
 
     # The training config decides how profiles are built; its defaults when none is given.
     config = load_config(args.config, encoder=args.encoder)
@@ -415,12 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export: the base model name vLLM serves (its model path or --served-model-name); "
                         "vLLM's filesystem resolver loads an adapter only when they match")
     p.set_defaults(func=cmd_store)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="framework logs (Ray, DeepSpeed, transformers) on the terminal, not in the log file")
     return parser
+
+
+LONG_COMMANDS = ("profiles", "train", "refresh", "serve", "eval", "generate")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    log_file = logs.setup(args.command, args.verbose)
+    if log_file and args.command in LONG_COMMANDS:
+        print(f"p2p {args.command}: framework logs -> {log_file} (--verbose shows them here)", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except P2PError as exc:  # one line; the exit code says which kind (jobs/README.md)

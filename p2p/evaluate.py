@@ -22,10 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from p2p.baselines import OPPU, P2P, Answerer, Base, Method, OPPUConfig, ProfileInPrompt, Rule, Shared
-from p2p.data.schemas import read_table
+from p2p.data.schemas import examples_uri, read_table, users_uri
 from p2p.errors import P2PError
 from p2p.metrics import SCORINGS, primary_per_example, score
-from p2p.pipeline_local import examples_uri, users_uri
 from p2p.stats import mean_ci, paired_diff_ci
 from p2p.tasks import Task, tasks_of
 

@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from p2p.hypernet import Hypernetwork, adapter_paths
 from p2p.lora import UserAdapter, peft_files, split_users
+from p2p.userkey import user_key
 
 
 @torch.no_grad()
@@ -39,3 +41,53 @@ def write_folder(files: dict[str, bytes], folder: str) -> None:
 
 def export_adapter(hypernet: Hypernetwork, hypernet_id: str, adapter: UserAdapter, folder: str) -> None:
     write_folder(adapter_files(hypernet, hypernet_id, adapter), folder)
+
+
+def generate_folders(hypernet_dir: str, data: str, out: str, users: list[str] | None = None,
+                     batch_size: int = 64) -> int:
+    """`p2p generate`: users Parquet -> profiles -> embeddings -> one PEFT folder per user, in one process.
+
+    The Ray refresh job does the same at scale into a store; this is the readable single-machine
+    version, and the oracle the refresh is tested against.
+    """
+    from p2p.data.schemas import iter_tables, users_uri
+    from p2p.errors import P2PError
+    from p2p.hypernet import load_hypernet
+    from p2p.personalizer import Personalizer  # it builds on this module
+
+    hypernet, hypernet_id = load_hypernet(hypernet_dir)
+    personalizer = Personalizer(hypernet, hypernet_id)
+    wanted = set(users) if users is not None else None
+    found: set[str] = set()
+    pending: list[tuple[str, list[dict]]] = []
+    written = 0
+    bar = tqdm(total=len(wanted) if wanted is not None else None, unit="user", desc="generate", disable=None)
+
+    def flush() -> int:
+        if not pending:
+            return 0
+        adapters = personalizer.adapters([history for _, history in pending])
+        for (uid, _), adapter in zip(pending, adapters, strict=True):
+            write_folder(personalizer.files(adapter), os.path.join(out, user_key(uid)))
+        bar.update(len(pending))
+        n = len(pending)
+        pending.clear()
+        return n
+
+    for _, table in iter_tables(users_uri(data), "users"):
+        for row in table.to_pylist():
+            uid = row["user_id"]
+            if wanted is not None and uid not in wanted:
+                continue
+            found.add(uid)
+            pending.append((uid, row["history"]))
+            if len(pending) >= batch_size:
+                written += flush()
+    if wanted is not None and wanted - found:
+        bar.close()
+        missing = sorted(wanted - found)
+        raise P2PError(f"user(s) not in {users_uri(data)}: {', '.join(map(repr, missing[:10]))}"
+                       + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    written += flush()
+    bar.close()
+    return written

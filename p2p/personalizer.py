@@ -88,3 +88,23 @@ class Personalizer:
 
     def files(self, adapter: UserAdapter) -> dict[str, bytes]:
         return adapter_files(self.hypernet, self.hypernet_id, adapter)
+
+
+def build_profiles(data: str, embedder: ProfileEmbedder, batch_size: int = 256):
+    """The `profiles` table for every user, in one process (`p2p profiles` does it on Ray: pipelines/ingest.py)."""
+    import pyarrow as pa
+
+    from p2p.data.schemas import iter_tables, profiles_schema, users_uri
+
+    parts = []
+    for _, table in iter_tables(users_uri(data), "users"):
+        ids = table.column("user_id").to_pylist()
+        profiles = embedder.profiles(table.column("history").to_pylist())
+        emb = np.concatenate([embedder.embed(profiles[i : i + batch_size]) for i in range(0, len(profiles), batch_size)])
+        parts.append(pa.table({
+            "user_id": ids, "profile_text": [p.text for p in profiles],
+            "profile_hash": [p.hash for p in profiles],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), embedder.dim),
+            "encoder": [embedder.id] * len(ids),
+        }, schema=profiles_schema(embedder.dim)))
+    return pa.concat_tables(parts)

@@ -401,3 +401,24 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
                 + f" {record['examples_per_s']:.1f} ex/s")
         history.append(record)
     return {"hypernet": hypernet, "history": history, "lm": lm}
+
+
+def examples_with_embeddings(data: str, profiles, splits: tuple[str, ...], tasks: list[str] | None = None,
+                             limit: int | None = None) -> list[dict]:
+    """Examples of `splits` (and `tasks`), each carrying its user's embedding."""
+    from p2p.data.schemas import examples_uri, read_table
+    from p2p.errors import P2PError
+
+    vectors = np.asarray(profiles.column("embedding").combine_chunks().flatten()).reshape(len(profiles), -1)
+    emb = dict(zip(profiles.column("user_id").to_pylist(), vectors, strict=True))
+    ex = read_table(examples_uri(data), "examples")
+    rows = []
+    for r in ex.to_pylist():
+        if r["split"] not in splits or (tasks and r["task"] not in tasks):
+            continue
+        if r["user_id"] not in emb:
+            raise P2PError(f"example {r['example_id']!r}: user {r['user_id']!r} has no profile")
+        rows.append({**r, "embedding": emb[r["user_id"]]})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows

@@ -34,12 +34,11 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from p2p.config import RefreshConfig
-from p2p.data.schemas import check_schemas
+from p2p.data.schemas import check_schemas, users_uri
 from p2p.errors import P2PError
 from p2p.fs import filesystem
 from p2p.generate import adapter_files, generate_user_adapters
 from p2p.personalizer import Profile, ProfileEmbedder
-from p2p.pipeline_local import users_uri
 from p2p.store import AdapterStore
 from p2p.store import layout as store_layout
 from p2p.store.manifest import as_embedding_row, embedding_row

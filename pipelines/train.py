@@ -17,8 +17,11 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +31,9 @@ import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
 
+from p2p import logs
 from p2p.config import TrainConfig, config_from_dict
 from p2p.errors import P2PError
 from pipelines.ray_setup import ensure_ray, user_errors
@@ -260,6 +265,53 @@ class ProgressLog(ray.train.UserCallback):
             f.write(json.dumps(m) + "\n")
 
 
+@contextlib.contextmanager
+def training_progress(metrics_path: str, max_steps: int, desc: str) -> Iterator[None]:
+    """One bar on the driver (steps, loss, val loss, examples/s) from the controller's metrics.jsonl.
+
+    With `--verbose` the controller's own lines reach the terminal and no bar is drawn; off a
+    terminal (a job log) a plain line is printed at each evaluation instead of a bar.
+    """
+    if logs.verbose():
+        yield
+        return
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not tty)
+    before = 0
+    if os.path.exists(metrics_path):  # an earlier run's lines (a resume): not this run's progress
+        with open(metrics_path) as f:
+            before = len(f.read().splitlines())
+    stop, seen = threading.Event(), [before]
+
+    def follow() -> None:
+        while True:
+            finished = stop.wait(1.0)
+            if os.path.exists(metrics_path):
+                with open(metrics_path) as f:
+                    lines = f.read().splitlines()
+                for line in lines[seen[0]:]:
+                    m = json.loads(line)
+                    bar.update(max(0, m["step"] - bar.n))
+                    val = m.get("val_loss")
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", val="-" if val is None else f"{val:.3f}",
+                                    ex_s=f"{m['examples_per_s']:.1f}")
+                    if not tty and val is not None:
+                        print(f"{desc}: step {m['step']}/{max_steps} loss {m['loss']:.4f} val {val:.4f} "
+                              f"{m['examples_per_s']:.1f} ex/s", flush=True)
+                seen[0] = len(lines)
+            if finished:
+                return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def attach_embeddings(batch: pa.Table, profiles: ray.ObjectRef, split: str, tasks: list[str] | None) -> pa.Table:
     """Keep one split's examples and give each its user's embedding (a broadcast join)."""
     table = _cached_get(profiles)
@@ -359,7 +411,8 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
     t0 = time.perf_counter()
-    with user_errors():
+    desc = "train shared control" if config.control == "shared" else "train"
+    with user_errors(), training_progress(os.path.join(out, "metrics.jsonl"), config.max_steps, desc):
         result = trainer.fit()
     if result.checkpoint is None:
         raise P2PError(f"training produced no checkpoint; see {out}/ray for the workers' logs")

@@ -7,8 +7,7 @@ import pytest
 
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
-from p2p.personalizer import ProfileEmbedder
-from p2p.pipeline_local import build_profiles
+from p2p.personalizer import ProfileEmbedder, build_profiles
 from p2p.profile import ProfileConfig
 
 

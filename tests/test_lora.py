@@ -1,6 +1,6 @@
 """The hypernetwork and the batched per-example LoRA, against peft itself.
 
-Covers DESIGN section 4's known defects: each example gets its own user's adapter (batch ==
+Covers the reference implementation's known defects (docs/design.md, section 4): each example gets its own user's adapter (batch ==
 one at a time), and exported adapters reproduce the training-time scale exactly in PEFT,
 including when training used rsLoRA scaling.
 """

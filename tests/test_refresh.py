@@ -17,9 +17,9 @@ from peft import PeftModel
 from p2p.config import RefreshConfig
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
+from p2p.generate import generate_folders
 from p2p.lora import adapter_from_files, load_peft
 from p2p.models import build_tiny_random
-from p2p.pipeline_local import generate_folders
 from p2p.store import AdapterStore
 from p2p.userkey import user_key
 

@@ -19,10 +19,9 @@ from p2p.errors import P2PError
 from p2p.generate import generate_user_adapters
 from p2p.hypernet import load_hypernet
 from p2p.lora import load_peft
-from p2p.personalizer import ProfileEmbedder
-from p2p.pipeline_local import build_profiles, examples_with_embeddings
+from p2p.personalizer import ProfileEmbedder, build_profiles
 from p2p.profile import ProfileConfig
-from p2p.training import train_local
+from p2p.training import examples_with_embeddings, train_local
 from p2p.userkey import user_key
 
 TINY = dict(base="tiny-random", encoder="hashing", batch_size=8, lr=1e-3, warmup_steps=3, log_every=5,

@@ -1,4 +1,4 @@
-"""The Arrow schemas of the four tables (DESIGN section 3) and their validation.
+"""The Arrow schemas of the four tables (docs/design.md, section 3) and their validation.
 
 Every reader goes through `validate`, so bad input fails with the file, the column and the
 row or user named, instead of a stack trace from deep inside pyarrow or torch.
@@ -6,6 +6,7 @@ row or user named, instead of a stack trace from deep inside pyarrow or torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import fsspec
@@ -287,3 +288,14 @@ def write_table(table: pa.Table, uri: str, kind: str) -> None:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
         pq.write_table(table, f)
+
+
+def users_uri(data: str) -> str:
+    """A data directory's users table (DATA/users), or DATA itself when it is the table."""
+    sub = os.path.join(data, "users")
+    return sub if os.path.isdir(sub) else data
+
+
+def examples_uri(data: str) -> str:
+    """A data directory's examples table."""
+    return os.path.join(data, "examples")
