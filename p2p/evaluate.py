@@ -331,6 +331,11 @@ def _cell(s: dict | None) -> str:
 
 
 def report_markdown(results: dict) -> str:
+    """report.md: the effect table first, then quality, history buckets and cost.
+
+    Kept as one function because the report is read top to bottom: its sections appear here in the
+    order a reader meets them.
+    """
     methods = list(results["methods"])
     has_ceiling = "ceiling" in results
     keys = sorted({k for m in results["methods"].values() for k in m["scores"]})

@@ -49,6 +49,16 @@ def setup(command: str, verbose_: bool) -> str | None:
     return path
 
 
+def announce() -> None:
+    """Say where the framework logs go, once, when the first framework starts (not before a
+    command's one-line input errors)."""
+    path = os.environ.get(FILE_ENV)
+    if verbose() or not path or getattr(announce, "done", False):
+        return
+    announce.done = True
+    print(f"p2p: framework logs -> {path} (--verbose shows them here)", file=sys.stderr, flush=True)
+
+
 def to_file(*names: str) -> None:
     """Send loggers that installed their own terminal handlers (Ray's) to the log file instead."""
     path = os.environ.get(FILE_ENV)

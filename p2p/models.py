@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from p2p import logs
 from p2p.errors import P2PError
 
 DEFAULT_BASE = "smollm2-135m"
@@ -162,6 +163,7 @@ def load_base_model(name: str = DEFAULT_BASE):
     (HF_HUB_OFFLINE is respected by transformers itself).
     """
     tokenizer = load_tokenizer(name)
+    logs.announce()  # the CLI's framework log file, named once the model is known to exist
     if name == "smollm2-135m":
         folder = _converted(
             "model",

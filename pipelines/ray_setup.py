@@ -35,6 +35,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Without --verbose, workers' output (DeepSpeed, GGUF bars, the Train controller's warnings)
     # stays in Ray's session logs and the driver's Ray loggers write to the command's log file.
     quiet = {"log_to_driver": logs.verbose()}
+    logs.announce()
     logs.to_file("ray")
     logs.native_stderr_to_file()
     try:
