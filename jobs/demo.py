@@ -126,8 +126,9 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
     results = run_eval(EvalConfig(run=run_dir, data=data, out=f"{out}/report", users_per_split=eval_users, tasks=("tag",),
                                   methods=methods, oppu_users=1, oppu=OPPUConfig(max_epochs=1, max_items=32)),
                        progress=lambda line: print(f"    {line}", flush=True))
-    print()
-    print(report_markdown(results))
+    report = report_markdown(results)
+    cut = min(i for i in (report.find("\n## P2P against OPPU"), report.find("\n## By history"), len(report)) if i >= 0)
+    print("\n" + report[:cut].rstrip())  # the effect and quality tables; the rest is in report.md
     print(f"report: {out}/report/report.md (+ report.json and plots); total {time.perf_counter() - START:.0f}s")
     return 0
 
@@ -136,9 +137,8 @@ def main() -> int:
     from p2p import logs
 
     out = os.path.abspath(os.environ.get("P2P_DEMO_DIR", "demo-output"))
-    log_file = logs.setup("demo", os.environ.get("P2P_VERBOSE") == "1")
-    if log_file:
-        print(f"demo: framework logs -> {log_file} (P2P_VERBOSE=1 shows them here)", flush=True)
+    logs.setup("demo", os.environ.get("P2P_VERBOSE") == "1")
+    logs.announce()
     steps = os.environ.get("P2P_DEMO_STEPS")
     tiny = os.environ.get("P2P_DEMO_TINY") == "1"  # tests: tiny-random model and hashing encoder
     try:

@@ -224,7 +224,6 @@ class Evaluation:
         for name, method in methods.items():
             subset = [e for e in self.examples if e["user_id"] in oppu_users] if name == "oppu" else self.examples
             t = time.perf_counter()
-            self.progress(f"eval: {name} on {len({e['user_id'] for e in subset})} users, {len(subset)} examples ...")
             preds = method.predict(self.users, subset)
             cells = self._cells(subset, preds)
             per_example[name] = {eid: v for cell in cells.values() for eid, v in cell["per_example"].items()}
@@ -240,7 +239,8 @@ class Evaluation:
             if isinstance(method, OPPU):
                 results["methods"][name]["oppu"] = {"epochs": method.epochs_run, "items": method.items_used,
                                                     "seconds": method.train_seconds}
-            self.progress(f"eval: {name} done in {time.perf_counter() - t:.0f}s")
+            self.progress(f"eval: {name} on {len({e['user_id'] for e in subset})} users, {len(subset)} examples: "
+                          f"{time.perf_counter() - t:.0f}s")
         if self.reference:
             results["ceiling"] = self._ceiling(user_of)
         results["effects"] = self._effects(per_example, user_of)

@@ -22,6 +22,7 @@ import weakref
 import pyarrow as pa
 from ray import serve
 
+from p2p import logs
 from p2p.adapted_model import AdaptedModel
 from p2p.data.schemas import USERS, DataError, validate
 from p2p.engine import Engine
@@ -223,6 +224,7 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> st
     StoreAccess(store, kwargs.get("hypernet_id"))  # an unreachable or empty store fails here, in one line
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
+    logs.to_file("ray.serve")  # Serve configured its driver logger just now
     serve.run(build_app(store, **kwargs), name="p2p", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
