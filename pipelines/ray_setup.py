@@ -50,6 +50,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         raise RayStartError(f"could not {what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                             ) from None
     logs.to_file("ray", "ray.data", "ray.train", "ray.serve")  # ray.init configures them again
+    _cluster_events_to_file()
     ctx = ray.data.DataContext.get_current()
     # Ray 2.60's datasource V2 spends ~15 s in its ListFiles step per execution on machines
     # without outside network (measured here: 15 s vs 0.4 s to stream 320 rows); V1 reads the
@@ -60,6 +61,30 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ctx.raise_original_map_exception = True
     # Ray Data's bars redraw many lines a second: useful on a terminal, noise in a log.
     ctx.enable_progress_bars = os.environ.get("P2P_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
+
+
+def _cluster_events_to_file() -> None:
+    """Without --verbose, the raylet's events (e.g. "N PYTHON worker processes have been started")
+    go to the log file too.
+
+    Ray pushes them to the driver as error events, printed by a thread of `ray.init` through
+    `print_to_stdstream`, whatever `log_to_driver` says; there is no setting for it, so the
+    function is wrapped (looked up at call time by that thread). Other events still print.
+    """
+    path = os.environ.get(logs.FILE_ENV)
+    worker = sys.modules.get("ray._private.worker")
+    original = getattr(worker, "print_to_stdstream", None)
+    if logs.verbose() or not path or original is None or getattr(original, "p2p_quiet", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        with open(path, "a") as f:
+            f.writelines(f"(raylet) {line}\n" for line in data.get("lines", []))
+
+    print_to_stdstream.p2p_quiet = True
+    worker.print_to_stdstream = print_to_stdstream
 
 
 STORE_ENV = ("AWS_ENDPOINT_URL", "P2P_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
