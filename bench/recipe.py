@@ -10,7 +10,9 @@ variants slice the profiles table (its vectors are [text embedding | label stati
                            [--steps 250] [--tasks tag] [--users-per-split 30]
 
 DATA needs profiles built with label features (`p2p profiles --data DATA --out DATA/profiles`).
-Prints a Markdown table and writes bench/results/recipe.json.
+Prints a Markdown table and writes bench/results/recipe.json, and the held-out users it scored to
+bench/results/recipe-users.txt: choosing a recipe here is tuning on them, so a figure reported for
+the chosen recipe excludes them (`p2p eval --exclude-users bench/results/recipe-users.txt`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pyarrow as pa
 from bench.report import write
 from p2p.config import TrainConfig
 from p2p.data.schemas import read_table
-from p2p.evaluate import EvalConfig, Evaluation
+from p2p.evaluate import EvalConfig, Evaluation, select
 from p2p.hypernet import save_hypernet
 from p2p.models import load_base_model
 from p2p.training import examples_with_embeddings
@@ -84,6 +86,16 @@ def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, mod
     return row
 
 
+def write_scored_users(data: str, tasks: list[str] | None, users_per_split: int, path: str) -> None:
+    """The held-out users every variant is scored on (the same sample `run_variant`'s eval draws)."""
+    users, _, _ = select(EvalConfig(run="", data=data, out="", tasks=tuple(tasks or ()) or None,
+                                    users_per_split=users_per_split))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# held-out users scored by bench.recipe on {data}: exclude them from reported figures\n")
+        f.write("".join(f"{u}\n" for u in sorted(users)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -99,6 +111,7 @@ def main() -> None:
                        eval_every=args.steps, log_every=args.steps)
     profiles = read_table(os.path.join(args.data, "profiles"), "profiles").select(["user_id", "embedding"])
     model, tokenizer = load_base_model(base.base)
+    write_scored_users(args.data, base.tasks, args.users_per_split, "bench/results/recipe-users.txt")
     rows = []
     for name in args.variants.split(","):
         rows.append(run_variant(name, base, args.data, profiles, model, tokenizer, args))

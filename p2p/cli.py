@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         methods=tuple(args.methods.split(",")), tasks=tuple(args.tasks.split(",")) if args.tasks else None,
         users_per_split=args.users_per_split, oppu_users=args.oppu_users,
         oppu=OPPUConfig(max_epochs=args.oppu_epochs, max_items=args.oppu_max_items), seed=args.seed,
-        scoring=args.scoring, bootstrap=args.bootstrap, shared=args.shared,
+        scoring=args.scoring, bootstrap=args.bootstrap, shared=args.shared, exclude_users=args.exclude_users,
     )
     results = run_eval(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(report_markdown(results))
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", default="official", choices=["official", "lenient"],
                    help="official: LaMP's eval/evaluation.py; lenient: the forgiving variant, labelled as such")
     p.add_argument("--shared", default=None, help="the shared control's run or checkpoint (default RUN/shared)")
+    p.add_argument("--exclude-users", default=None, metavar="FILE",
+                   help="never score the user ids in FILE (one per line): the users a recipe was chosen on")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap samples per 95%% interval")
     p.add_argument("--oppu-users", type=int, default=4, help="users per split OPPU trains a LoRA for")
     p.add_argument("--oppu-epochs", type=int, default=6, help="cap on OPPU epochs (it stops when the loss stalls)")

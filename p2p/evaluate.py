@@ -50,6 +50,9 @@ class EvalConfig:
     scoring: str = "official"
     bootstrap: int = 2000  # bootstrap samples per interval
     shared: str | None = None  # the shared control: a run or checkpoint (default RUN/shared)
+    # A file of user ids (one per line) never to score: the users a recipe or setting was chosen on,
+    # so that a reported figure does not stand on them.
+    exclude_users: str | None = None
 
 
 def checkpoint_dir(run: str) -> str:
@@ -79,17 +82,29 @@ def select(config: EvalConfig) -> tuple[dict[str, dict], list[dict], list[dict]]
     examples = [e for e in every if e["split"] in config.splits]
     if not examples:
         raise P2PError(f"{config.data}: no examples in splits {', '.join(config.splits)}")
+    excluded = read_user_ids(config.exclude_users) if config.exclude_users else set()
     rng = random.Random(config.seed)
     keep: set[str] = set()
     for split in config.splits:
-        ids = sorted({e["user_id"] for e in examples if e["split"] == split})
+        ids = sorted({e["user_id"] for e in examples if e["split"] == split} - excluded)
         keep |= set(rng.sample(ids, min(len(ids), config.users_per_split)) if config.users_per_split else ids)
+    if not keep:
+        raise P2PError(f"{config.exclude_users}: every user of splits {', '.join(config.splits)} is excluded")
     examples = [e for e in examples if e["user_id"] in keep]
     users = {r["user_id"]: r for r in read_table(users_uri(config.data), "users").to_pylist() if r["user_id"] in keep}
     missing = keep - set(users)
     if missing:
         raise P2PError(f"{len(missing)} evaluated user(s) have no history in {users_uri(config.data)}")
     return users, examples, every
+
+
+def read_user_ids(path: str) -> set[str]:
+    """User ids from a text file, one per line (blank lines and `#` comments skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")}
+    except OSError as exc:
+        raise P2PError(f"{path}: cannot read the user ids to exclude ({exc.strerror or exc})") from None
 
 
 def load_reference(data: str) -> dict[str, tuple]:
@@ -131,6 +146,8 @@ class Evaluation:
         self.answerer = Answerer(AdaptedModel(copy.deepcopy(base), tok, self.hypernet.config), self.tasks,
                                  config.batch_size)
         self.notes: list[str] = []
+        if config.exclude_users:
+            self.notes.append(f"users listed in {config.exclude_users} were not scored")
 
     # --- methods ---------------------------------------------------------------------------------
 

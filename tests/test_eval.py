@@ -118,3 +118,33 @@ def test_rule_answers_the_majority_of_its_key_fitted_on_training_examples():
 def test_eval_refuses_training_users(run_dir, synth_dir, tmp_path, capsys):
     rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "r"), "--split", "train"])
     assert rc == 2 and "held-out users only" in capsys.readouterr().err
+
+
+def test_excluded_users_are_never_scored(synth_dir, tmp_path):
+    from p2p.evaluate import EvalConfig, select
+
+    users, _, _ = select(EvalConfig(run="", data=synth_dir, out="", tasks=("tag",)))
+    chosen = sorted(users)[: len(users) // 2]
+    listed = tmp_path / "chosen-on.txt"
+    listed.write_text("# users the recipe was chosen on\n" + "\n".join(chosen) + "\n\n")
+    kept, examples, _ = select(EvalConfig(run="", data=synth_dir, out="", tasks=("tag",), exclude_users=str(listed)))
+    assert set(kept) == set(users) - set(chosen) and kept
+    assert {e["user_id"] for e in examples} == set(kept)
+    sampled, _, _ = select(EvalConfig(run="", data=synth_dir, out="", tasks=("tag",), users_per_split=2,
+                                      exclude_users=str(listed)))
+    assert sampled and not set(sampled) & set(chosen)
+
+
+def test_exclude_users_file_errors_are_one_line(run_dir, synth_dir, tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "r"),
+               "--exclude-users", str(missing)])
+    assert rc == 2 and f"{missing}: cannot read the user ids to exclude" in capsys.readouterr().err
+    everyone = tmp_path / "all.txt"
+    from p2p.evaluate import EvalConfig, select
+
+    users, _, _ = select(EvalConfig(run="", data=synth_dir, out=""))
+    everyone.write_text("\n".join(users))
+    rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "r"),
+               "--exclude-users", str(everyone)])
+    assert rc == 2 and "every user of splits test_id, test_ood is excluded" in capsys.readouterr().err
