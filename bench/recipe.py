@@ -30,7 +30,7 @@ import pyarrow as pa
 from bench.report import write
 from p2p.config import TrainConfig
 from p2p.data.schemas import read_table
-from p2p.evaluate import EvalConfig, Evaluation, select
+from p2p.evaluate import EvalConfig, Evaluation
 from p2p.hypernet import save_hypernet
 from p2p.models import load_base_model
 from p2p.training import examples_with_embeddings
@@ -57,7 +57,9 @@ def sliced_profiles(profiles: pa.Table, part: str, features: int) -> pa.Table:
     return profiles.set_column(profiles.column_names.index("embedding"), "embedding", column)
 
 
-def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, model, tokenizer, args) -> dict:
+def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, model, tokenizer, args
+                ) -> tuple[dict, list[str]]:
+    """The variant's row, and the held-out users it was scored on."""
     from p2p.training import train_local
 
     what, overrides, part = VARIANTS[name]
@@ -71,9 +73,10 @@ def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, mod
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         save_hypernet(result["hypernet"], tmp)
-        report = Evaluation(EvalConfig(run=tmp, data=data, out="", tasks=tuple(config.tasks or ()) or None,
-                                       users_per_split=args.users_per_split, methods=("shuffled", "p2p"),
-                                       bootstrap=1000), progress=lambda s: None).run()
+        evaluation = Evaluation(EvalConfig(run=tmp, data=data, out="", tasks=tuple(config.tasks or ()) or None,
+                                           users_per_split=args.users_per_split, methods=("shuffled", "p2p"),
+                                           bootstrap=1000), progress=lambda s: None)
+        report = evaluation.run()
     row = {"variant": name, "change": what}
     for key, cell in sorted(report["methods"]["p2p"]["scores"].items()):
         effect = report["effects"].get(key, {})
@@ -83,17 +86,7 @@ def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, mod
             row[f"{key} effect [95% CI]"] = f"{effect['effect']:+.3f} [{effect['ci95'][0]:+.3f}, {effect['ci95'][1]:+.3f}]"
     row["train s"] = seconds
     row["final loss"] = float(np.mean([h["loss"] for h in result["history"][-20:]]))
-    return row
-
-
-def write_scored_users(data: str, tasks: list[str] | None, users_per_split: int, path: str) -> None:
-    """The held-out users every variant is scored on (the same sample `run_variant`'s eval draws)."""
-    users, _, _ = select(EvalConfig(run="", data=data, out="", tasks=tuple(tasks or ()) or None,
-                                    users_per_split=users_per_split))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"# held-out users scored by bench.recipe on {data}: exclude them from reported figures\n")
-        f.write("".join(f"{u}\n" for u in sorted(users)))
+    return row, sorted(evaluation.users)
 
 
 def main() -> None:
@@ -111,11 +104,15 @@ def main() -> None:
                        eval_every=args.steps, log_every=args.steps)
     profiles = read_table(os.path.join(args.data, "profiles"), "profiles").select(["user_id", "embedding"])
     model, tokenizer = load_base_model(base.base)
-    write_scored_users(args.data, base.tasks, args.users_per_split, "bench/results/recipe-users.txt")
-    rows = []
+    os.makedirs("bench/results", exist_ok=True)
+    rows, scored = [], set()
     for name in args.variants.split(","):
-        rows.append(run_variant(name, base, args.data, profiles, model, tokenizer, args))
-        print(rows[-1], flush=True)
+        row, users = run_variant(name, base, args.data, profiles, model, tokenizer, args)
+        rows.append(row)
+        scored.update(users)
+        print(row, flush=True)
+        with open("bench/results/recipe-users.txt", "w") as f:  # after each variant: a killed run keeps it
+            f.write("".join(f"{u}\n" for u in sorted(scored)))
     write("recipe", rows, {"data": args.data, "steps": args.steps, "batch_size": base.batch_size,
                            "tasks": args.tasks, "users_per_split": args.users_per_split,
                            "top_k_layers": base.top_k_layers})

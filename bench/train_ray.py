@@ -82,7 +82,6 @@ def main() -> None:
     local = train_local(local_cfg, copy.deepcopy(model), tokenizer, train, val, len(train[0]["embedding"]),
                         log=lambda s: None)
     local_wall = time.perf_counter() - t
-    local_records = [h for h in local["history"] if h["step"] % 10 == 0 or h["step"] == args.steps]
 
     from pipelines.ray_setup import ensure_ray
     from pipelines.train import run_training
@@ -95,7 +94,7 @@ def main() -> None:
     ray_wall = time.perf_counter() - t
     with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
         ray_records = [json.loads(line) for line in f]
-    local_rate, local_late = rates(local_records, args.batch)
+    local_rate, local_late = rates(local["history"], args.batch)
     ray_rate, ray_late = rates(ray_records, args.batch)
     rows = [
         {"path": "single process (train_local)", "examples_per_s": local_rate, "ratio": 1.0,

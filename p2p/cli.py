@@ -161,9 +161,10 @@ def _user_ids(ids: str | None, ids_file: str | None, what: str) -> list[str]:
     """Ids from `--X a,b` and/or `--X-file FILE` (one per line: ids containing commas can be named)."""
     out = [u for u in (ids or "").split(",") if u]
     if ids_file:
+        from p2p.data.schemas import read_user_id_file
+
         try:
-            with open(ids_file, encoding="utf-8") as f:
-                out += [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+            out += read_user_id_file(ids_file)
         except OSError as exc:
             raise P2PError(f"{what}: cannot read {ids_file}: {exc.strerror}") from None
     return out

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from p2p.baselines import OPPU, P2P, Answerer, Base, Method, OPPUConfig, ProfileInPrompt, Rule, Shared
-from p2p.data.schemas import examples_uri, read_table, users_uri
+from p2p.data.schemas import examples_uri, read_table, read_user_id_file, users_uri
 from p2p.errors import P2PError
 from p2p.metrics import SCORINGS, primary_per_example, score
 from p2p.stats import mean_ci, paired_diff_ci
@@ -82,7 +82,7 @@ def select(config: EvalConfig) -> tuple[dict[str, dict], list[dict], list[dict]]
     examples = [e for e in every if e["split"] in config.splits]
     if not examples:
         raise P2PError(f"{config.data}: no examples in splits {', '.join(config.splits)}")
-    excluded = read_user_ids(config.exclude_users) if config.exclude_users else set()
+    excluded = excluded_users(config.exclude_users) if config.exclude_users else set()
     rng = random.Random(config.seed)
     keep: set[str] = set()
     for split in config.splits:
@@ -98,11 +98,9 @@ def select(config: EvalConfig) -> tuple[dict[str, dict], list[dict], list[dict]]
     return users, examples, every
 
 
-def read_user_ids(path: str) -> set[str]:
-    """User ids from a text file, one per line (blank lines and `#` comments skipped)."""
+def excluded_users(path: str) -> set[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return {line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")}
+        return set(read_user_id_file(path))
     except OSError as exc:
         raise P2PError(f"{path}: cannot read the user ids to exclude ({exc.strerror or exc})") from None
 

@@ -126,7 +126,7 @@ def test_excluded_users_are_never_scored(synth_dir, tmp_path):
     users, _, _ = select(EvalConfig(run="", data=synth_dir, out="", tasks=("tag",)))
     chosen = sorted(users)[: len(users) // 2]
     listed = tmp_path / "chosen-on.txt"
-    listed.write_text("# users the recipe was chosen on\n" + "\n".join(chosen) + "\n\n")
+    listed.write_text("\n".join(chosen) + "\n\n")
     kept, examples, _ = select(EvalConfig(run="", data=synth_dir, out="", tasks=("tag",), exclude_users=str(listed)))
     assert set(kept) == set(users) - set(chosen) and kept
     assert {e["user_id"] for e in examples} == set(kept)

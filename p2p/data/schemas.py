@@ -299,3 +299,12 @@ def users_uri(data: str) -> str:
 def examples_uri(data: str) -> str:
     """A data directory's examples table."""
     return os.path.join(data, "examples")
+
+
+def read_user_id_file(path: str) -> list[str]:
+    """User ids, one per line, taken whole (an id may contain commas or spaces); blank lines skipped.
+
+    Raises OSError: each command words the failure for its own option.
+    """
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
