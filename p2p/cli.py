@@ -90,8 +90,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_import_lamp(args: argparse.Namespace) -> int:
     from p2p.data.lamp import import_lamp
 
-    stats = import_lamp(args.questions, args.outputs, args.split, args.out)
-    print(f"imported {stats['task']}: {stats['users']} users, {stats['examples']} examples -> {args.out}")
+    stats = import_lamp(args.questions, args.outputs, args.split, args.out, args.history_examples)
+    extra = f" ({stats['from_history']} from the users' histories)" if stats["from_history"] else ""
+    print(f"imported {stats['task']}: {stats['users']} users, {stats['examples']} examples{extra} -> {args.out}")
     return 0
 
 
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", required=True, help="the outputs JSON ({task, golds: [{id, output}]})")
     p.add_argument("--split", required=True, help="train, val, test_id or test_ood")
     p.add_argument("--out", required=True)
+    p.add_argument("--history-examples", type=int, default=0, metavar="K",
+                   help="train split only: also ask each user about their K most recent history items "
+                        "(taken out of their profile); default 0")
     p.set_defaults(func=cmd_import_lamp)
 
     p = sub.add_parser("init-hypernet", help="write an untrained hypernetwork checkpoint for a base model")

@@ -38,10 +38,15 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+# A category is at most this many words: LaMP-2's longest tag is "based on a book"; a written
+# answer (headline, title) is longer; a headline of four words or fewer still reads as a category.
+CATEGORY_MAX_WORDS = 4
+
+
 def _label_kind(labels: list[str]) -> str:
     if all(_is_number(x) for x in labels):
         return "score"
-    if all(len(x.split()) <= 3 for x in labels):
+    if all(len(x.split()) <= CATEGORY_MAX_WORDS for x in labels):
         return "category"
     return "text"
 

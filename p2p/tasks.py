@@ -112,7 +112,7 @@ LAMP = {
             item_example=_labelled("Generate a subject for the following email: {text}")),
     7: Task("LaMP_7", GENERATION, "rouge1", max_tokens=48, item_example=_lamp_7_item),
 }
-_LAMP_NAME = re.compile(r"^(long)?lamp(?:[-_ ]?(\d+))?", re.IGNORECASE)
+LAMP_NAME = re.compile(r"^(long)?lamp(?:[-_ ]?(\d+))?", re.IGNORECASE)
 
 
 # --- the synthetic benchmark (p2p.data.synthetic) -----------------------------------------------------
@@ -143,7 +143,7 @@ def task_for(name: str, targets: list[str] | None = None) -> Task:
     synthetic = _synthetic_tasks()
     if name in synthetic:
         return synthetic[name]
-    m = _LAMP_NAME.match(name)
+    m = LAMP_NAME.match(name)
     if m and m.group(1):  # LongLaMP: long-form generation, ROUGE
         return Task(name, GENERATION, "rouge1", max_tokens=256, item_example=_labelled("{text}"))
     if m and m.group(2) and int(m.group(2)) in LAMP:

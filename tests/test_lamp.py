@@ -47,7 +47,7 @@ def test_lamp_round_trip(tmp_path, task):
     q, o = write_pair(tmp_path, task, question, gold)
     out = tmp_path / "data"
     stats = import_lamp(q, o, "test_id", str(out))
-    assert stats == {"task": task, "users": 1, "examples": 1}
+    assert stats == {"task": task, "users": 1, "examples": 1, "from_history": 0}
     users = read_table(str(out / "users"), "users").to_pylist()
     examples = read_table(str(out / "examples"), "examples").to_pylist()
     assert users[0]["user_id"] == question["id"]
@@ -93,3 +93,41 @@ def test_bad_split(tmp_path):
     q, o = write_pair(tmp_path, "LaMP_2", question, gold)
     with pytest.raises(DataError, match="--split 'dev'"):
         import_lamp(q, o, "dev", str(tmp_path / "d"))
+
+
+def test_history_examples_become_questions_and_leave_the_profile(tmp_path):
+    profile = [{"id": f"m{i}", "description": f"Movie {i}.", "tag": tag, "date": f"2020-01-{i + 1:02d}"}
+               for i, tag in enumerate(["sci-fi", "comedy", "not a LaMP tag", "romance", "action"])]
+    question = {"id": "200", "input": "Which tag ... description: A crew lands on Mars.", "profile": profile}
+    q, o = write_pair(tmp_path, "LaMP_2", question, "sci-fi")
+    stats = import_lamp(q, o, "train", str(tmp_path / "d"), history_examples=3)
+    assert stats == {"task": "LaMP_2", "users": 1, "examples": 4, "from_history": 3}
+    examples = read_table(str(tmp_path / "d" / "examples"), "examples").to_pylist()
+    asked = {e["example_id"]: e for e in examples if e["example_id"] != "200"}
+    # The three most recent items whose tag is one of LaMP-2's, oldest first, in LaMP-2's prompt.
+    assert [e["target"] for e in asked.values()] == ["comedy", "romance", "action"]
+    assert all(e["input"].startswith("Which tag does this movie relate to") and e["split"] == "train"
+               for e in asked.values())
+    assert "description: Movie 4." in asked["200-h2"]["input"]
+    history = read_table(str(tmp_path / "d" / "users"), "users").to_pylist()[0]["history"]
+    assert [h["item_id"] for h in history] == ["m0", "m2"]  # what was asked is not in the profile
+
+
+def test_history_examples_refused_for_held_out_splits(tmp_path, capsys):
+    question, gold = SAMPLES["LaMP_2"]
+    q, o = write_pair(tmp_path, "LaMP_2", question, gold)
+    rc = main(["import-lamp", "--questions", q, "--outputs", o, "--split", "test_id", "--out", str(tmp_path / "d"),
+               "--history-examples", "2"])
+    assert rc == 2 and "--history-examples is for --split train only" in capsys.readouterr().err
+
+
+def test_history_examples_keep_one_item_and_refuse_other_tasks(tmp_path):
+    question, gold = SAMPLES["LaMP_2"]  # two usable items: one is asked, one stays in the profile
+    q, o = write_pair(tmp_path, "LaMP_2", question, gold)
+    assert import_lamp(q, o, "train", str(tmp_path / "d"), history_examples=5)["from_history"] == 1
+    history = read_table(str(tmp_path / "d" / "users"), "users").to_pylist()[0]["history"]
+    assert [h["item_id"] for h in history] == ["m1"]
+    question, gold = SAMPLES["LaMP_7"]  # a tweet item is not a paraphrasing question
+    q, o = write_pair(tmp_path, "LaMP_7", question, gold)
+    with pytest.raises(DataError, match=r"--history-examples: task 'LaMP_7' .* is not one whose history items"):
+        import_lamp(q, o, "train", str(tmp_path / "e"), history_examples=1)

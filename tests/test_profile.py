@@ -37,3 +37,17 @@ def test_profile_hash_depends_on_text_and_encoder():
     assert profile_hash("x", "minilm") != profile_hash("x", "hashing")
     assert profile_hash("x", "minilm") != profile_hash("y", "minilm")
     assert profile_hash("x", "minilm") == profile_hash("x", "minilm")
+
+
+def test_lamp_2_tags_are_categories_with_a_bin_each():
+    from p2p.profile import profile_features
+    from p2p.tasks import LAMP_2_TAGS
+
+    # Every LaMP-2 tag is a category (its longest, "based on a book", included) and, at the LaMP
+    # configs' 512 bins, has a bin of its own: the features tell any two tags' shares apart.
+    cfg = ProfileConfig(features=512)
+    history = [{"item_id": str(i), "text": "a movie", "label": tag, "ts": i}
+               for i, tag in enumerate(t for n, tag in enumerate(LAMP_2_TAGS) for t in [tag] * (n + 1))]
+    f = profile_features(history, cfg)
+    total = len(history)
+    assert sorted(round(float(x) * total) for x in f[f > 0]) == list(range(1, len(LAMP_2_TAGS) + 1))

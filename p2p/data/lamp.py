@@ -5,6 +5,14 @@ Questions file: a JSON list of `{id, input, profile: [...]}`; outputs file:
 history is its profile. Profile items carry task-specific fields; we map them to
 (text, label): the field a user *writes about* becomes `text`, the field they *answer with*
 (tag, score, category, title, ...) becomes `label`.
+
+LaMP gives one question per user, too few for a hypernet to learn how a user's history bends the
+answer. `history_examples=K` (training split only) turns each user's K most recent usable history
+items into more questions of the same task, in the task's own prompt format (`Task.item_example`,
+what OPPU trains on), and takes them out of that user's profile, so no question's answer is in the
+profile it is asked with; at least one usable item stays in every profile. Only for the LaMP tasks
+whose history items are questions of the task itself (`HISTORY_QUESTION_TASKS`): a LaMP-1 or LaMP-7
+item, or a LongLaMP one, would be a different question with the same name.
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ import os
 import pyarrow as pa
 
 from p2p.data.schemas import EXAMPLES, SPLITS, USERS, DataError, validate, write_table
+from p2p.tasks import LAMP_NAME, Task, task_for
+
+# LaMP tasks whose profile items are answered questions of the task itself (tag a movie, score a
+# review, title an article, abstract or email).
+HISTORY_QUESTION_TASKS = (2, 3, 4, 5, 6)
 
 # Fields a profile item's answer may live in, by preference; `title` is a label only when the
 # item has another text field (LaMP-4/5 headline and title generation), else it is the text.
@@ -71,10 +84,29 @@ def _timestamp(value, index: int) -> int:
     return index
 
 
-def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str) -> dict:
+def split_history(history: list[dict], task: Task, count: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The user's `count` most recent items the task can ask about, as (input, target) questions,
+    and the history without them (the profile those questions are asked with). One usable item
+    always stays: a profile emptied by its own questions would teach the hypernet nothing."""
+    if count <= 0 or task.item_example is None:
+        return history, []
+    newest_first = sorted(range(len(history)), key=lambda i: (history[i]["ts"], history[i]["item_id"]), reverse=True)
+    usable = [(i, pair) for i in newest_first if (pair := task.item_example(history[i])) is not None]
+    chosen = usable[: min(count, len(usable) - 1)]
+    asked = {i for i, _ in chosen}
+    return [h for i, h in enumerate(history) if i not in asked], [pair for _, pair in reversed(chosen)]
+
+
+def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str,
+                history_examples: int = 0) -> dict:
     """Write `out_dir/users/<task>-<split>.parquet` and `out_dir/examples/...`; return counts."""
     if split not in SPLITS:
         raise DataError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if history_examples < 0:
+        raise DataError(f"--history-examples must be 0 or more, got {history_examples}")
+    if history_examples and split != "train":
+        raise DataError(f"--history-examples is for --split train only (got {split!r}): held-out users "
+                        "are asked their own question with their whole profile")
     questions = _load_json(questions_path)
     outputs = _load_json(outputs_path)
     if not isinstance(questions, list):
@@ -88,6 +120,12 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
             raise DataError(f"{outputs_path}: golds[{i}] needs keys 'id' and 'output'")
         golds[str(g["id"])] = str(g["output"])
 
+    task_spec = task_for(task, list(golds.values()))
+    if history_examples:
+        m = LAMP_NAME.match(task)
+        if not (m and not m.group(1) and m.group(2) and int(m.group(2)) in HISTORY_QUESTION_TASKS):
+            raise DataError(f"--history-examples: task {task!r} ({outputs_path}) is not one whose history items are "
+                            f"its own questions (LaMP_{', LaMP_'.join(map(str, HISTORY_QUESTION_TASKS))})")
     users, examples = [], []
     for i, q in enumerate(questions):
         if not isinstance(q, dict):
@@ -101,6 +139,9 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
         if not isinstance(q["profile"], list):
             raise DataError(f"{questions_path}: id {qid!r}: 'profile' must be a list")
         history = [profile_item_to_history(p, j, qid, questions_path) for j, p in enumerate(q["profile"])]
+        history, asked = split_history(history, task_spec, history_examples)
+        examples += [{"example_id": f"{qid}-h{j}", "user_id": qid, "task": task, "input": inp, "target": target,
+                      "split": split} for j, (inp, target) in enumerate(asked)]
         users.append({"user_id": qid, "history": history,
                       "updated_at": max((h["ts"] for h in history), default=0)})
         examples.append({"example_id": qid, "user_id": qid, "task": task, "input": str(q["input"]),
@@ -111,4 +152,5 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
     examples_t = validate(pa.Table.from_pylist(examples, schema=EXAMPLES), "examples", questions_path)
     write_table(users_t, os.path.join(out_dir, "users", f"{name}.parquet"), "users")
     write_table(examples_t, os.path.join(out_dir, "examples", f"{name}.parquet"), "examples")
-    return {"task": task, "users": len(users), "examples": len(examples)}
+    from_history = sum(1 for e in examples if e["example_id"] != e["user_id"])
+    return {"task": task, "users": len(users), "examples": len(examples), "from_history": from_history}
