@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
@@ -50,6 +51,12 @@ def rates(records: list[dict], batch: int) -> tuple[float, float]:
         return r["step"] * batch / r["examples_per_s"]
 
     return last["examples_per_s"], (last["step"] - mid["step"]) * batch / (seconds(last) - seconds(mid))
+
+
+class LoopRate(NamedTuple):
+    examples_per_s: float  # whole loop
+    second_half: float  # steps N/2..N
+    wall_s: float
 
 
 def zero_stages(text: str) -> list[int]:
@@ -92,35 +99,35 @@ def main() -> None:
 
     model, tokenizer = load_base_model(args.base)
 
-    def run_local() -> tuple[float, float, float]:
+    def run_local() -> LoopRate:
         t = time.perf_counter()
         result = train_local(local_cfg, copy.deepcopy(model), tokenizer, train, val, len(train[0]["embedding"]),
                              log=lambda s: None)
-        return (*rates(result["history"], args.batch), time.perf_counter() - t)
+        return LoopRate(*rates(result["history"], args.batch), time.perf_counter() - t)
 
     from pipelines.ray_setup import ensure_ray
     from pipelines.train import run_training
 
-    def run_ray(stage: int) -> tuple[float, float, float]:
+    def run_ray(stage: int) -> LoopRate:
         cfg = TrainConfig(**common, batch_size=args.batch // args.workers, workers=args.workers, zero_stage=stage)
         out = os.path.join(tmp, f"run-zero{stage}")
         t = time.perf_counter()
         run_training(cfg, data, out, log=lambda s: None)
         wall = time.perf_counter() - t
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            return (*rates([json.loads(line) for line in f], args.batch), wall)
+            return LoopRate(*rates([json.loads(line) for line in f], args.batch), wall)
 
-    stages = args.zero_stages
     local_runs = [run_local()]
     ensure_ray()
-    ray_runs = {stage: run_ray(stage) for stage in stages}
+    ray_runs = {stage: run_ray(stage) for stage in args.zero_stages}
     local_runs.append(run_local())
-    base_rate = sum(r[0] for r in local_runs) / len(local_runs)
-    base_late = sum(r[1] for r in local_runs) / len(local_runs)
+    base_rate = sum(r.examples_per_s for r in local_runs) / len(local_runs)
+    base_late = sum(r.second_half for r in local_runs) / len(local_runs)
 
-    def row(path: str, run: tuple[float, float, float]) -> dict:
-        return {"path": path, "examples_per_s": run[0], "ratio": run[0] / base_rate,
-                "second_half_examples_per_s": run[1], "second_half_ratio": run[1] / base_late, "wall_s": run[2]}
+    def row(path: str, run: LoopRate) -> dict:
+        return {"path": path, "examples_per_s": run.examples_per_s, "ratio": run.examples_per_s / base_rate,
+                "second_half_examples_per_s": run.second_half, "second_half_ratio": run.second_half / base_late,
+                "wall_s": run.wall_s}
 
     rows = [row(f"single process (train_local), {when}", run)
             for when, run in zip(("first", "last"), local_runs, strict=True)]

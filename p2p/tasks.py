@@ -34,6 +34,10 @@ class Task:
     rating_range: tuple[float, float] = (1.0, 5.0)
     # A history item {text, label} -> (input, target) in this task's prompt format; None: not usable.
     item_example: Callable[[dict], tuple[str, str] | None] | None = field(default=None, compare=False)
+    # Whether that (input, target) is a question of this very task (tag a movie, score a review), so
+    # it may stand beside the task's own questions in training; LaMP-1's and LaMP-7's items, and
+    # LongLaMP's, are other questions made from the item (what OPPU trains on, not the task).
+    item_is_question: bool = False
 
     @property
     def higher_is_better(self) -> bool:
@@ -41,10 +45,14 @@ class Task:
 
     def history_examples(self, history: list[dict]) -> list[tuple[str, str]]:
         """The user's history items of this task, as (input, target) pairs in the task's own format."""
+        return [pair for _, pair in self.history_pairs(history)]
+
+    def history_pairs(self, history: list[dict]) -> list[tuple[dict, tuple[str, str]]]:
+        """Each usable history item with its (input, target) pair, oldest first."""
         if self.item_example is None:
             return []
-        pairs = (self.item_example(h) for h in sorted(history, key=lambda h: (h["ts"], h["item_id"])))
-        return [p for p in pairs if p is not None]
+        pairs = ((h, self.item_example(h)) for h in sorted(history, key=lambda h: (h["ts"], h["item_id"])))
+        return [(h, pair) for h, pair in pairs if pair is not None]
 
 
 def _is_number(text: str | None) -> bool:
@@ -101,18 +109,18 @@ def _lamp_7_item(item: dict) -> tuple[str, str] | None:
 LAMP = {
     1: Task("LaMP_1", CLASSIFICATION, "accuracy", labels=("[1]", "[2]"), max_tokens=4, item_example=_lamp_1_item),
     2: Task("LaMP_2", CLASSIFICATION, "accuracy", labels=LAMP_2_TAGS, max_tokens=8,
-            item_example=_labelled(LAMP_2_PROMPT, lambda label: label in LAMP_2_TAGS)),
+            item_example=_labelled(LAMP_2_PROMPT, lambda label: label in LAMP_2_TAGS), item_is_question=True),
     3: Task("LaMP_3", RATING, "mae", labels=("1", "2", "3", "4", "5"), max_tokens=4,
-            item_example=_labelled(LAMP_3_PROMPT, _is_number)),
+            item_example=_labelled(LAMP_3_PROMPT, _is_number), item_is_question=True),
     4: Task("LaMP_4", GENERATION, "rouge1", max_tokens=32,
-            item_example=_labelled("Generate a headline for the following article: {text}")),
+            item_example=_labelled("Generate a headline for the following article: {text}"), item_is_question=True),
     5: Task("LaMP_5", GENERATION, "rouge1", max_tokens=32,
-            item_example=_labelled("Generate a title for the following abstract of a paper: {text}")),
+            item_example=_labelled("Generate a title for the following abstract of a paper: {text}"), item_is_question=True),
     6: Task("LaMP_6", GENERATION, "rouge1", max_tokens=32,
-            item_example=_labelled("Generate a subject for the following email: {text}")),
+            item_example=_labelled("Generate a subject for the following email: {text}"), item_is_question=True),
     7: Task("LaMP_7", GENERATION, "rouge1", max_tokens=48, item_example=_lamp_7_item),
 }
-LAMP_NAME = re.compile(r"^(long)?lamp(?:[-_ ]?(\d+))?", re.IGNORECASE)
+_LAMP_NAME = re.compile(r"^(long)?lamp(?:[-_ ]?(\d+))?", re.IGNORECASE)
 
 
 # --- the synthetic benchmark (p2p.data.synthetic) -----------------------------------------------------
@@ -128,13 +136,13 @@ def _synthetic_tasks() -> dict[str, Task]:
 
     return {
         "tag": Task("tag", CLASSIFICATION, "accuracy", labels=TAGS, max_tokens=8,
-                    item_example=_labelled(INSTRUCTIONS["tag"], tags.__contains__)),
+                    item_example=_labelled(INSTRUCTIONS["tag"], tags.__contains__), item_is_question=True),
         "rate": Task("rate", RATING, "mae", labels=("1", "2", "3", "4", "5"), max_tokens=4,
-                     item_example=_labelled(INSTRUCTIONS["rate"], _is_number)),
+                     item_example=_labelled(INSTRUCTIONS["rate"], _is_number), item_is_question=True),
         # The user's style (prefix, casing, closing mark) is the personal signal; ROUGE lowercases
         # and drops punctuation, so it cannot see it: the primary metric is the exact style match.
         "headline": Task("headline", GENERATION, "style_exact", max_tokens=24,
-                         item_example=_labelled(INSTRUCTIONS["headline"], headline)),
+                         item_example=_labelled(INSTRUCTIONS["headline"], headline), item_is_question=True),
     }
 
 
@@ -143,7 +151,7 @@ def task_for(name: str, targets: list[str] | None = None) -> Task:
     synthetic = _synthetic_tasks()
     if name in synthetic:
         return synthetic[name]
-    m = LAMP_NAME.match(name)
+    m = _LAMP_NAME.match(name)
     if m and m.group(1):  # LongLaMP: long-form generation, ROUGE
         return Task(name, GENERATION, "rouge1", max_tokens=256, item_example=_labelled("{text}"))
     if m and m.group(2) and int(m.group(2)) in LAMP:

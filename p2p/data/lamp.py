@@ -10,9 +10,9 @@ LaMP gives one question per user, too few for a hypernet to learn how a user's h
 answer. `history_examples=K` (training split only) turns each user's K most recent usable history
 items into more questions of the same task, in the task's own prompt format (`Task.item_example`,
 what OPPU trains on), and takes them out of that user's profile, so no question's answer is in the
-profile it is asked with; at least one usable item stays in every profile. Only for the LaMP tasks
-whose history items are questions of the task itself (`HISTORY_QUESTION_TASKS`): a LaMP-1 or LaMP-7
-item, or a LongLaMP one, would be a different question with the same name.
+profile it is asked with; at least one usable item stays in every profile. Only for tasks whose
+history items are questions of the task itself (`Task.item_is_question`: LaMP-2 to LaMP-6): a LaMP-1
+or LaMP-7 item, or a LongLaMP one, would be a different question under the task's name.
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ import os
 import pyarrow as pa
 
 from p2p.data.schemas import EXAMPLES, SPLITS, USERS, DataError, validate, write_table
-from p2p.tasks import LAMP_NAME, Task, task_for
-
-# LaMP tasks whose profile items are answered questions of the task itself (tag a movie, score a
-# review, title an article, abstract or email).
-HISTORY_QUESTION_TASKS = (2, 3, 4, 5, 6)
+from p2p.tasks import Task, task_for
 
 # Fields a profile item's answer may live in, by preference; `title` is a label only when the
 # item has another text field (LaMP-4/5 headline and title generation), else it is the text.
@@ -88,13 +84,13 @@ def split_history(history: list[dict], task: Task, count: int) -> tuple[list[dic
     """The user's `count` most recent items the task can ask about, as (input, target) questions,
     and the history without them (the profile those questions are asked with). One usable item
     always stays: a profile emptied by its own questions would teach the hypernet nothing."""
-    if count <= 0 or task.item_example is None:
+    pairs = task.history_pairs(history)
+    take = min(count, len(pairs) - 1)
+    if take <= 0:
         return history, []
-    newest_first = sorted(range(len(history)), key=lambda i: (history[i]["ts"], history[i]["item_id"]), reverse=True)
-    usable = [(i, pair) for i in newest_first if (pair := task.item_example(history[i])) is not None]
-    chosen = usable[: min(count, len(usable) - 1)]
-    asked = {i for i, _ in chosen}
-    return [h for i, h in enumerate(history) if i not in asked], [pair for _, pair in reversed(chosen)]
+    asked = pairs[-take:]
+    gone = {id(item) for item, _ in asked}
+    return [h for h in history if id(h) not in gone], [pair for _, pair in asked]
 
 
 def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str,
@@ -121,12 +117,10 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
         golds[str(g["id"])] = str(g["output"])
 
     task_spec = task_for(task, list(golds.values()))
-    if history_examples:
-        m = LAMP_NAME.match(task)
-        if not (m and not m.group(1) and m.group(2) and int(m.group(2)) in HISTORY_QUESTION_TASKS):
-            raise DataError(f"--history-examples: task {task!r} ({outputs_path}) is not one whose history items are "
-                            f"its own questions (LaMP_{', LaMP_'.join(map(str, HISTORY_QUESTION_TASKS))})")
-    users, examples = [], []
+    if history_examples and not task_spec.item_is_question:
+        raise DataError(f"--history-examples: task {task!r} ({outputs_path}) is not one whose history items are "
+                        "its own questions (LaMP_2 to LaMP_6)")
+    users, examples, from_history = [], [], 0
     for i, q in enumerate(questions):
         if not isinstance(q, dict):
             raise DataError(f"{questions_path}: question {i} is not an object")
@@ -140,6 +134,7 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
             raise DataError(f"{questions_path}: id {qid!r}: 'profile' must be a list")
         history = [profile_item_to_history(p, j, qid, questions_path) for j, p in enumerate(q["profile"])]
         history, asked = split_history(history, task_spec, history_examples)
+        from_history += len(asked)
         examples += [{"example_id": f"{qid}-h{j}", "user_id": qid, "task": task, "input": inp, "target": target,
                       "split": split} for j, (inp, target) in enumerate(asked)]
         users.append({"user_id": qid, "history": history,
@@ -152,5 +147,4 @@ def import_lamp(questions_path: str, outputs_path: str, split: str, out_dir: str
     examples_t = validate(pa.Table.from_pylist(examples, schema=EXAMPLES), "examples", questions_path)
     write_table(users_t, os.path.join(out_dir, "users", f"{name}.parquet"), "users")
     write_table(examples_t, os.path.join(out_dir, "examples", f"{name}.parquet"), "examples")
-    from_history = sum(1 for e in examples if e["example_id"] != e["user_id"])
     return {"task": task, "users": len(users), "examples": len(examples), "from_history": from_history}
