@@ -7,6 +7,7 @@ An unknown field or a value of the wrong type is an error that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class TrainConfig:
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: int = 256  # prompt + target tokens; a longer prompt loses the middle of its user text
+    batch_by_task: bool = False  # each batch holds one task (no padding a short task to a long one's length)
+    # With batch_by_task: a task's batches come this many times as often as its share of the examples
+    # (e.g. {rate: 2}); an unlisted task weighs 1.
+    task_weights: dict[str, float] | None = None
     # Checkpoints are chosen by the task-balanced val loss (each task's mean per-example loss,
     # averaged over tasks) on this many val examples, spread over val users by a fixed
     # pseudo-random order. 384 examples cover ~100+ users: the figure moves by less than the
@@ -89,6 +94,12 @@ class TrainConfig:
             bad("fp16", "bf16 and fp16 are exclusive")
         if self.profile_features < 0:
             bad("profile_features", f"must be >= 0, got {self.profile_features}")
+        if self.task_weights is not None:
+            if not self.batch_by_task:
+                bad("task_weights", "needs batch_by_task: true")
+            for task, weight in self.task_weights.items():
+                if not (math.isfinite(weight) and weight > 0):
+                    bad("task_weights", f"the weight of {task!r} must be a positive number, got {weight}")
         return self
 
     def profile_config(self) -> dict:
@@ -110,6 +121,11 @@ def _check_type(name: str, value, hint) -> object:
             except P2PError:
                 continue
         raise P2PError(f"config field {name!r}: {value!r} is not {hint}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise P2PError(f"config field {name!r}: expected a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_check_type(name, k, key_hint): _check_type(name, v, value_hint) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise P2PError(f"config field {name!r}: expected a list, got {value!r}")

@@ -30,6 +30,7 @@ from torch import nn
 
 from p2p.adapted_model import AdaptedModel
 from p2p.config import TrainConfig
+from p2p.errors import P2PError
 from p2p.hypernet import HypernetConfig, Hypernetwork, make_config, save_hypernet
 from p2p.prompting import PromptFormat
 
@@ -325,6 +326,55 @@ def epochs(rows: list[dict], size: int, seed: int) -> Iterator[list[dict]]:
             yield [rows[j] for j in order[i : i + size]]
 
 
+def task_batches(rows: list[dict], size: int, seed: int, weights: dict[str, float] | None = None,
+                 counts: dict[str, int] | None = None) -> Iterator[list[dict]]:
+    """Batches of one task each, the task drawn with probability its examples x its weight.
+
+    A mixed batch is padded to its longest example: LaMP-3/5 or the synthetic tag prompt pad a short
+    rating prompt to twice its length. One task per batch spends the compute on tokens, and the
+    weights give a hard task more steps than its share of the data (an unlisted task weighs 1).
+    `counts` are the whole training set's examples per task: a Ray worker holds a shard whose mix
+    need not be the data's, and draws by the data's. Each task's examples come round in a fresh
+    shuffle once all were seen, so a task with fewer examples than a batch still fills one.
+    """
+    if not rows:
+        raise ValueError("no training examples to fill a batch")
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    tasks, weights = sorted(by_task), weights or {}
+    counts = counts or {t: len(by_task[t]) for t in tasks}
+    share = np.array([counts.get(t, len(by_task[t])) * weights.get(t, 1.0) for t in tasks])
+    rng = np.random.default_rng(seed)
+
+    def stream(task_rows: list[dict]) -> Iterator[dict]:
+        while True:
+            for j in rng.permutation(len(task_rows)):
+                yield task_rows[j]
+
+    streams = {t: stream(by_task[t]) for t in tasks}
+    while True:
+        task = tasks[rng.choice(len(tasks), p=share / share.sum())]
+        yield [next(streams[task]) for _ in range(size)]
+
+
+def check_task_weights(config: TrainConfig, tasks: Iterable[str]) -> None:
+    """Before any training: every weighted task has training examples (a typo would weigh nothing)."""
+    known = sorted(set(tasks))
+    unknown = sorted(set(config.task_weights or {}) - set(known))
+    if unknown:
+        raise P2PError(f"config field 'task_weights': no training examples of task {unknown[0]!r} "
+                       f"(tasks in the data: {', '.join(known)})")
+
+
+def training_batches(config: TrainConfig, rows: list[dict], seed: int,
+                     task_counts: dict[str, int] | None = None) -> Iterator[list[dict]]:
+    """The batch order a run's config asks for: shuffled mixed batches, or one task per batch."""
+    if config.batch_by_task:
+        return task_batches(rows, config.batch_size, seed, config.task_weights, task_counts)
+    return epochs(rows, config.batch_size, seed)
+
+
 def input_stats(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of the training users' embeddings (each user once)."""
     users = {r["user_id"]: np.asarray(r["embedding"], np.float32) for r in rows}
@@ -364,6 +414,7 @@ def prepare_hypernet(config: TrainConfig, model: nn.Module, embed_dim: int, trai
 def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: list[dict], val_rows: list[dict],
                 embed_dim: int, run_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
     """The plain single-process loop: what the distributed job does, minus distribution."""
+    check_task_weights(config, (r["task"] for r in train_rows))
     hypernet = prepare_hypernet(config, model, embed_dim, train_rows)
     if config.control == "shared":
         train_rows = as_shared_control(train_rows, hypernet.shared_embedding().numpy())
@@ -377,7 +428,7 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
     ckpt = Checkpoints(run_dir) if run_dir else None
     history, t0, eval_seconds = [], time.perf_counter(), 0.0
     memo: dict = {}
-    for step, rows in zip(range(1, config.max_steps + 1), epochs(train_rows, config.batch_size, config.seed),
+    for step, rows in zip(range(1, config.max_steps + 1), training_batches(config, train_rows, config.seed),
                           strict=False):
         hypernet.train()
         loss, ce = lm.loss(hypernet, collate(rows, fmt, config.max_seq_len, memo), config)
@@ -407,7 +458,6 @@ def examples_with_embeddings(data: str, profiles, splits: tuple[str, ...], tasks
                              limit: int | None = None) -> list[dict]:
     """Examples of `splits` (and `tasks`), each carrying its user's embedding."""
     from p2p.data.schemas import examples_uri, read_table
-    from p2p.errors import P2PError
 
     vectors = np.asarray(profiles.column("embedding").combine_chunks().flatten()).reshape(len(profiles), -1)
     emb = dict(zip(profiles.column("user_id").to_pylist(), vectors, strict=True))

@@ -206,12 +206,13 @@ class HypernetTrainRecipe:
         return ray.train.Checkpoint.from_directory(tmp)
 
     def train(self) -> None:
-        from p2p.training import collate, epochs
+        from p2p.training import collate, training_batches
 
         c = self.config
         step, t0, seen, loss_sum, loss_n = self.start_step, time.perf_counter(), 0, 0.0, 0
         eval_seconds = 0.0  # examples/s counts training time only
-        batches = epochs(self.train_rows, c.batch_size, c.seed + 1000 * self.rank + self.start_step)
+        batches = training_batches(c, self.train_rows, c.seed + 1000 * self.rank + self.start_step,
+                                   self.loop_config.get("task_counts"))
         encoded: dict[str, tuple] = {}
         self.engine.train()
         while step < c.max_steps:
@@ -355,17 +356,28 @@ def training_datasets(data: str, profiles: pa.Table, config: TrainConfig) -> tup
     return split("train"), split("val")
 
 
-def train_input_stats(profiles: pa.Table, data: str, tasks: list[str] | None) -> dict[str, list[float]]:
-    """Mean and std of the training users' embeddings: the hypernet standardizes its inputs with them."""
+def training_examples(data: str, tasks: list[str] | None) -> pa.Table:
+    """(user_id, task) of every training example of `tasks`: what the driver knows before Ray Train starts."""
     from p2p.data.schemas import read_table
 
     ex = read_table(os.path.join(data, "examples"), "examples").select(["user_id", "split", "task"])
     mask = pc.equal(ex.column("split"), "train")
     if tasks:
         mask = pc.and_(mask, pc.is_in(ex.column("task"), value_set=pa.array(tasks)))
-    users = pc.unique(ex.filter(mask).column("user_id"))
-    if not len(users):
+    ex = ex.filter(mask)
+    if not len(ex):
         raise P2PError(f"{data}/examples: no training examples" + (f" for tasks {tasks}" if tasks else ""))
+    return ex.select(["user_id", "task"])
+
+
+def task_counts(examples: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(examples.column("task")).to_pylist()
+    return {c["values"]: c["counts"] for c in counts}
+
+
+def train_input_stats(profiles: pa.Table, examples: pa.Table) -> dict[str, list[float]]:
+    """Mean and std of the training users' embeddings: the hypernet standardizes its inputs with them."""
+    users = pc.unique(examples.column("user_id"))
     rows = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=users))
     emb = np.asarray(rows.column("embedding").combine_chunks().flatten(), np.float32).reshape(len(rows), -1)
     return {"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist()}
@@ -377,7 +389,11 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     from p2p.data.schemas import check_schemas, read_table
     from p2p.personalizer import embedder_id
     from p2p.profile import ProfileConfig
+    from p2p.training import check_task_weights
 
+    examples = training_examples(data, config.tasks)  # a weight naming no task fails before Ray starts
+    counts = task_counts(examples)
+    check_task_weights(config, counts)
     ensure_ray()
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -393,11 +409,12 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     table = table.select(["user_id", "embedding"])
     embed_dim = table.schema.field("embedding").type.list_size
     check_schemas(os.path.join(data, "examples"), "examples")
-    stats = train_input_stats(table, data, config.tasks)
+    stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "embed_dim": embed_dim, "input_stats": stats},
+        train_loop_config={"config": dataclasses.asdict(config), "embed_dim": embed_dim, "input_stats": stats,
+                           "task_counts": counts},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(

@@ -1,6 +1,8 @@
 """Training: the config contract, the local loop, and Ray Train + DeepSpeed on a local cluster."""
 
+import collections
 import copy
+import itertools
 import json
 import os
 import signal
@@ -21,7 +23,7 @@ from p2p.hypernet import load_hypernet
 from p2p.lora import load_peft
 from p2p.personalizer import ProfileEmbedder, build_profiles
 from p2p.profile import ProfileConfig
-from p2p.training import examples_with_embeddings, train_local
+from p2p.training import check_task_weights, examples_with_embeddings, task_batches, train_local
 from p2p.userkey import user_key
 
 TINY = dict(base="tiny-random", encoder="hashing", batch_size=8, lr=1e-3, warmup_steps=3, log_every=5,
@@ -63,6 +65,35 @@ def test_shipped_configs_are_valid():
     for name in os.listdir("jobs/configs"):
         if name.startswith("train"):
             load_config(f"jobs/configs/{name}")
+
+
+def test_task_batches_hold_one_task_and_follow_the_weights():
+    rows = ([{"task": "tag", "i": i} for i in range(300)] + [{"task": "rate", "i": i} for i in range(100)]
+            + [{"task": "headline", "i": i} for i in range(3)])
+    plain = list(itertools.islice(task_batches(rows, 4, seed=0), 2000))
+    assert all(len(b) == 4 and len({r["task"] for r in b}) == 1 for b in plain)
+    share = collections.Counter(b[0]["task"] for b in plain)
+    assert 0.70 < share["tag"] / 2000 < 0.79 and 0.20 < share["rate"] / 2000 < 0.30  # 300 : 100 : 3
+    headline = [r["i"] for b in plain if b[0]["task"] == "headline" for r in b]
+    assert headline and all(sorted(headline[k:k + 3]) == [0, 1, 2] for k in range(0, len(headline) - 2, 3))
+    weighted = collections.Counter(b[0]["task"] for b in itertools.islice(
+        task_batches(rows, 4, seed=0, weights={"rate": 3.0}), 2000))
+    assert 0.45 < weighted["rate"] / 2000 < 0.55  # 300 : 300 : 3
+    again = list(itertools.islice(task_batches(rows, 4, seed=0), 50))
+    assert again == plain[:50]  # reproducible by seed
+    # A Ray worker's shard draws by the whole data's counts, not by its own mix.
+    by_data = collections.Counter(b[0]["task"] for b in itertools.islice(
+        task_batches(rows, 4, seed=0, counts={"tag": 100, "rate": 100, "headline": 100}), 2000))
+    assert 0.28 < by_data["rate"] / 2000 < 0.38 and 0.28 < by_data["headline"] / 2000 < 0.38
+    with pytest.raises(P2PError, match="'task_weights': no training examples of task 'rating'"):
+        check_task_weights(config_from_dict({"batch_by_task": True, "task_weights": {"rating": 2}}),
+                           (r["task"] for r in rows))
+    with pytest.raises(P2PError, match="task_weights.*needs batch_by_task"):
+        config_from_dict({"task_weights": {"rate": 2}})
+    with pytest.raises(P2PError, match="weight of 'rate' must be a positive number"):
+        config_from_dict({"batch_by_task": True, "task_weights": {"rate": 0}})
+    with pytest.raises(P2PError, match="'task_weights'.*is not dict"):
+        config_from_dict({"batch_by_task": True, "task_weights": ["rate"]})
 
 
 def local_rows(data):
@@ -185,7 +216,9 @@ def test_ray_zero2_two_workers_learns_and_checkpoint_generates(ray_cluster, data
 
 @pytest.mark.slow
 def test_ray_zero3_smoke(ray_cluster, data, tmp_path):
-    train({"workers": 2, "zero_stage": 3, "max_steps": 10, "eval_every": 10}, data, tmp_path / "run")
+    # One task per batch (batch_by_task) runs through the worker's loop too.
+    train({"workers": 2, "zero_stage": 3, "max_steps": 10, "eval_every": 10, "batch_by_task": True}, data,
+          tmp_path / "run")
     hypernet, _ = load_hypernet(str(tmp_path / "run" / "latest"))
     assert hypernet.config.extra["step"] == 10
     assert any(h.weight.abs().sum() > 0 for h in hypernet.heads.values())  # gathered, not empty partitions
