@@ -344,7 +344,7 @@ def task_batches(rows: list[dict], size: int, seed: int, weights: dict[str, floa
         by_task.setdefault(r["task"], []).append(r)
     tasks, weights = sorted(by_task), weights or {}
     counts = counts or {t: len(by_task[t]) for t in tasks}
-    share = np.array([counts.get(t, len(by_task[t])) * weights.get(t, 1.0) for t in tasks])
+    share = np.array([counts[t] * weights.get(t, 1.0) for t in tasks])
     rng = np.random.default_rng(seed)
 
     def stream(task_rows: list[dict]) -> Iterator[dict]:

@@ -212,7 +212,7 @@ class HypernetTrainRecipe:
         step, t0, seen, loss_sum, loss_n = self.start_step, time.perf_counter(), 0, 0.0, 0
         eval_seconds = 0.0  # examples/s counts training time only
         batches = training_batches(c, self.train_rows, c.seed + 1000 * self.rank + self.start_step,
-                                   self.loop_config.get("task_counts"))
+                                   self.loop_config["task_counts"])
         encoded: dict[str, tuple] = {}
         self.engine.train()
         while step < c.max_steps:
@@ -386,7 +386,7 @@ def train_input_stats(profiles: pa.Table, examples: pa.Table) -> dict[str, list[
 def run_training(config: TrainConfig, data: str, out: str, profiles: str | None = None,
                  log=print) -> dict:
     """Train and write OUT/latest and OUT/best (hypernet checkpoint folders); return a summary."""
-    from p2p.data.schemas import check_schemas, read_table
+    from p2p.data.schemas import read_table
     from p2p.personalizer import embedder_id
     from p2p.profile import ProfileConfig
     from p2p.training import check_task_weights
@@ -408,7 +408,6 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
                        f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
     table = table.select(["user_id", "embedding"])
     embed_dim = table.schema.field("embedding").type.list_size
-    check_schemas(os.path.join(data, "examples"), "examples")
     stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)
     trainer = TorchTrainer(

@@ -120,6 +120,17 @@ def test_eval_refuses_training_users(run_dir, synth_dir, tmp_path, capsys):
     assert rc == 2 and "held-out users only" in capsys.readouterr().err
 
 
+def test_val_users_only_where_a_bench_asks_for_them(synth_dir):
+    from p2p.errors import P2PError
+    from p2p.evaluate import EvalConfig, select
+
+    config = EvalConfig(run="", data=synth_dir, out="", splits=("val",), tasks=("tag",))
+    with pytest.raises(P2PError, match="held-out users only"):
+        select(config)
+    users, examples, _ = select(config, allowed=("val",))  # bench.val_answers: choosing a recipe
+    assert users and {e["split"] for e in examples} == {"val"}
+
+
 def test_excluded_users_are_never_scored(synth_dir, tmp_path):
     from p2p.evaluate import EvalConfig, select
 

@@ -45,7 +45,6 @@ def test_ray_job_submit(tmp_path):
     )
     passed = False
     try:
-        r = None
         for _ in range(60):  # the head, then its job agent, come up some seconds after `ray start`
             if head.poll() is not None:
                 pytest.fail(f"`ray start --head --block` exited with {head.returncode}; logs in {temp_dir}")
