@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from p2p import logs
+from p2p import hub, logs
 from p2p.errors import P2PError
 
 PACKAGES = ("torch", "ray", "deepspeed", "peft", "transformers", "sentence-transformers", "pyarrow")
@@ -101,8 +101,8 @@ def cmd_init_hypernet(args: argparse.Namespace) -> int:
     from p2p.hypernet import Hypernetwork, make_config, save_hypernet
     from p2p.models import load_base_model
 
+    dim = ProfileEncoder(args.encoder).dim  # a mistyped encoder fails before the base model's load
     model, _ = load_base_model(args.base)
-    dim = ProfileEncoder(args.encoder).dim
     config = make_config(
         model, args.base, args.encoder, dim, preset=args.preset, rank=args.rank, alpha=args.alpha,
         target_modules=tuple(t for t in args.targets.split(",") if t), top_k_layers=args.top_k_layers,
@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "vLLM's filesystem resolver loads an adapter only when they match")
     p.set_defaults(func=cmd_store)
     for command in sub.choices.values():
+        command.add_argument("--allow-download", action="store_true",
+                             help=f"let model names reach the Hugging Face Hub (default: offline; {hub.DOWNLOAD_ENV}=1)")
         command.add_argument("--verbose", action="store_true",
                              help="framework logs (Ray, DeepSpeed, transformers) on the terminal, not in the log file")
     return parser
@@ -437,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if args.allow_download:
+        os.environ[hub.DOWNLOAD_ENV] = "1"  # read where models load, in this process and Ray's workers
     logs.setup(args.command, args.verbose)  # the path is printed when a framework first starts
     try:
         return int(args.func(args) or 0)

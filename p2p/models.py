@@ -17,12 +17,12 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from p2p import logs
+from p2p import hub, logs
 from p2p.errors import P2PError
+from p2p.hub import downloads_allowed, offline_hint
 
 DEFAULT_BASE = "smollm2-135m"
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
-
 # Sizes of the tiny model: grouped-query attention (4 query heads, 2 kv heads) so that
 # q_proj (64->64) and v_proj (64->32) differ in shape, as they do in SmolLM2 (576->576, 576->192).
 TINY_CONFIG = dict(
@@ -143,13 +143,13 @@ def _from_hf(cls, name: str, **kwargs):
             f"base model directory {name!r} does not exist. Valid names: {', '.join(EMBEDDED_MODELS)}, "
             "a local model directory, or a Hugging Face model id"
         )
+    hub.enforce()
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return cls.from_pretrained(name, local_files_only=not downloads_allowed(), **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = hub.load_error(exc, name)
         raise P2PError(
-            f"cannot load base model {name!r}: {first}. Valid names: {', '.join(EMBEDDED_MODELS)}, "
-            "a local model directory, or a Hugging Face model id available offline"
+            f"cannot load base model {name!r}: {first}. Valid names: {', '.join(EMBEDDED_MODELS)}, {offline_hint()}"
         ) from None
 
 
@@ -159,8 +159,8 @@ def load_base_model(name: str = DEFAULT_BASE):
 
     `smollm2-135m` dequantizes the embedded Q4_1 GGUF to fp32 once (~25 s), then loads the
     converted copy from the cache;
-    `tiny-random` is a 4-layer Llama for tests; anything else goes to `from_pretrained`
-    (HF_HUB_OFFLINE is respected by transformers itself).
+    `tiny-random` is a 4-layer Llama for tests; anything else goes to `from_pretrained`, offline
+    unless `downloads_allowed()`.
     """
     tokenizer = load_tokenizer(name)
     logs.announce()  # the CLI's framework log file, named once the model is known to exist

@@ -9,7 +9,7 @@ import sys
 
 import ray
 
-from p2p import logs
+from p2p import hub, logs
 from p2p.errors import P2PError
 
 
@@ -29,7 +29,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    carried = ("HF_HUB_OFFLINE", "P2P_CACHE", logs.ENV, "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
+    carried = ("HF_HUB_OFFLINE", hub.DOWNLOAD_ENV, "P2P_CACHE", logs.ENV, "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in carried}}
     address = os.environ.get("RAY_ADDRESS")
     # Without --verbose, workers' output (DeepSpeed, GGUF bars, the Train controller's warnings)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,37 @@ def test_unknown_model_exits_nonzero_with_one_line():
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("p2p")]
     assert len(lines) == 1 and "tiny-random" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+# Runs `p2p` with every socket connection and name lookup refused and recorded: what a model
+# name that is not installed would try first. Without HF_HUB_OFFLINE, as a new user's shell is.
+NO_NETWORK = """
+import socket, sys
+calls = []
+def refuse(*args, **kwargs):
+    calls.append(args[:2])
+    raise OSError("network refused by the test")
+socket.getaddrinfo = refuse
+socket.socket.connect = lambda self, address: refuse(address)
+from p2p.cli import main
+rc = main(sys.argv[1:])
+print("network calls:", len(calls), calls[:3])
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("command", [["complete", "--prompt", "hi", "--base", "no-such-model"],
+                                     ["init-hypernet", "--base", "tiny-random", "--encoder", "no-such-encoder",
+                                      "--out", "/tmp/p2p-never-written"]])
+def test_an_unknown_model_name_fails_offline_in_one_line(command):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    r = subprocess.run([sys.executable, "-c", NO_NETWORK, *command], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 2, r.stderr
+    assert "network calls: 0 []" in r.stdout  # no lookup, no connection: nothing reached for a hub
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"p2p {command[0]}: error: cannot load"), r.stderr
+    assert "--allow-download" in lines[0]
 
 
 def test_complete_tiny(capsys):

@@ -10,12 +10,16 @@ import dataclasses
 
 import pytest
 import torch
+from numerics import HYPERNET_DEPTH, assert_same_function
+from numerics import TINY_DEPTH as DEPTH
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
 from p2p.generate import export_adapter, generate_user_adapters
 from p2p.hypernet import Hypernetwork, adapter_paths, load_hypernet, make_config, save_hypernet
 from p2p.lora import adapters_applied, load_peft, peft_scale, stack_users, wrap_model
 from p2p.models import build_tiny_random
+
+pytestmark = pytest.mark.numerics  # run again under other kernel configurations (tests/numerics.py)
 
 PROMPTS = ["The cat sat on the mat", "Hello there, how are you", "A short one", "Tags: noir, gritty, epic"]
 
@@ -62,7 +66,7 @@ def test_step0_adapters_are_near_zero_and_exactly_zero_with_zero_heads(tiny):
     # With zero heads (how checkpoints before this init were made) every adapter is exactly dW = 0.
     zero = Hypernetwork(dataclasses.replace(hypernet.config, head_init_std=0.0))
     with torch.no_grad(), adapters_applied(model, zero(emb), hypernet.config.layers, hypernet.config.scale):
-        assert torch.equal(model(**inputs).logits, base)
+        assert torch.equal(model(**inputs).logits, base)  # exact: the same kernels, plus exactly 0.0
 
 
 def test_user_pathway_gets_gradient_at_step0(tiny):
@@ -82,7 +86,7 @@ def test_without_adapters_wrapped_model_is_bit_identical(tiny):
     model, _ = setup(tiny)
     inputs = batch(tiny[1])
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, base_logits(tiny, inputs))
+        assert torch.equal(model(**inputs).logits, base_logits(tiny, inputs))  # exact: the wrapper adds nothing
 
 
 def test_batch_generation_equals_one_at_a_time(tiny):
@@ -95,8 +99,8 @@ def test_batch_generation_equals_one_at_a_time(tiny):
     for i in range(5):
         alone = hypernet(emb[i : i + 1])
         for name in together:
-            torch.testing.assert_close(together[name][0][i], alone[name][0][0], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(together[name][1][i], alone[name][1][0], rtol=1e-4, atol=1e-5)
+            for j in (0, 1):
+                assert_same_function(together[name][j][i], alone[name][j][0], depth=HYPERNET_DEPTH, what=name)
     assert not torch.allclose(together["q_proj"][1][0], together["q_proj"][1][1])  # users differ
 
 
@@ -129,7 +133,7 @@ def test_mixed_batch_equals_peft_per_user(tiny, use_rslora):
         pm = peft_reference(tiny, adapter, c.rank, c.alpha, use_rslora)
         with torch.no_grad():
             ref = pm(input_ids=inputs["input_ids"][i : i + 1], attention_mask=inputs["attention_mask"][i : i + 1]).logits
-        assert (ours[i] - ref[0]).abs().max() <= 1e-4
+        assert_same_function(ours[i], ref[0], DEPTH, mask=inputs["attention_mask"][i], what=f"row {i} vs peft")
     assert (ours - base_logits(tiny, inputs)).abs().max() > 1e-2  # the adapters do something
 
 
@@ -146,7 +150,7 @@ def test_rows_share_an_adapter_by_index(tiny):
     copied = {k: (a[index], b[index]) for k, (a, b) in gen.items()}
     with torch.no_grad(), adapters_applied(model, copied, c.layers, c.scale):
         by_copy = model(**inputs).logits
-    assert torch.equal(by_index, by_copy)
+    assert_same_function(by_index, by_copy, DEPTH, mask=inputs["attention_mask"], what="by index vs by copy")
 
 
 @pytest.mark.parametrize("use_rslora,top_k", [(False, None), (True, None), (True, 2)])
@@ -164,14 +168,15 @@ def test_save_peft_then_peft_from_pretrained_gives_same_logits(tiny, tmp_path, u
         loaded, config = load_peft(str(folder))
         assert config["use_rslora"] is False and peft_scale(config) == pytest.approx(c.scale, rel=1e-12)
         pm = PeftModel.from_pretrained(build_tiny_random(0), str(folder)).eval()
+        mask = inputs["attention_mask"][i]
         with torch.no_grad():
             ref = pm(input_ids=inputs["input_ids"][i : i + 1], attention_mask=inputs["attention_mask"][i : i + 1]).logits
-        assert (ours[i] - ref[0]).abs().max() <= 1e-4
+        assert_same_function(ours[i], ref[0], DEPTH, mask=mask, what=f"user {i}: ours vs peft from_pretrained")
         # and our loader round-trips it into the batched path
         restored = stack_users([loaded], c.layers, adapter_paths(c))
         with torch.no_grad(), adapters_applied(model, restored, c.layers, peft_scale(config)):
             again = model(input_ids=inputs["input_ids"][i : i + 1], attention_mask=inputs["attention_mask"][i : i + 1]).logits
-        assert torch.equal(again[0], ours[i]) or (again[0] - ours[i]).abs().max() <= 1e-5
+        assert_same_function(again[0], ours[i], DEPTH, mask=mask, what=f"user {i}: reloaded vs generated")
 
 
 def test_gradients_reach_hypernet_not_base(tiny):
@@ -198,8 +203,8 @@ def test_hypernet_checkpoint_round_trip(tiny, tmp_path):
     assert hid == hid2 and len(hid) == 16
     emb = torch.randn(2, 384)
     for name, (a, b) in hypernet.eval()(emb).items():
-        torch.testing.assert_close(loaded(emb)[name][0], a)
-        torch.testing.assert_close(loaded(emb)[name][1], b)
+        assert_same_function(loaded(emb)[name][0], a, HYPERNET_DEPTH, what=name)
+        assert_same_function(loaded(emb)[name][1], b, HYPERNET_DEPTH, what=name)
     # a flipped byte in the weights is caught by the content hash
     path = tmp_path / "hn" / "model.safetensors"
     data = bytearray(path.read_bytes())
@@ -207,3 +212,31 @@ def test_hypernet_checkpoint_round_trip(tiny, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(Exception, match="content hash"):
         load_hypernet(str(tmp_path / "hn"))
+
+
+def test_the_tolerance_rejects_the_bugs_it_guards_against(tiny):
+    """Each property above, broken on purpose: the float32 rule of tests/numerics.py must fail it."""
+    model, hypernet = setup(tiny, rank=8)
+    perturb(hypernet, std=0.2)
+    emb = torch.randn(4, 384)
+    inputs = batch(tiny[1])
+    mask = inputs["attention_mask"]
+    c = hypernet.config
+    generated = hypernet(emb)
+
+    def logits(gen, layers=c.layers, scale=c.scale):
+        with torch.no_grad(), adapters_applied(model, gen, layers, scale):
+            return model(**inputs).logits
+
+    right = logits(generated)
+    assert_same_function(logits(generated), right, DEPTH, mask=mask)  # the rule accepts a rerun
+    swapped = {m: (a[[1, 0, 2, 3]], b[[1, 0, 2, 3]]) for m, (a, b) in generated.items()}
+    broken = {
+        "rsLoRA scale where alpha/r was trained": logits(generated, scale=c.alpha / c.rank**0.5),
+        "the top layer's adapter dropped": logits(generated, layers=c.layers[:-1]),
+        "rows 0 and 1 given each other's adapter": logits(swapped),
+        "no adapter at all": base_logits(tiny, inputs),
+    }
+    for what, wrong in broken.items():
+        with pytest.raises(AssertionError, match="float32 rounding"):
+            assert_same_function(wrong, right, DEPTH, mask=mask, what=what)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from numerics import HYPERNET_DEPTH, assert_same_function
 from peft import PeftModel
 
 from p2p.config import RefreshConfig
@@ -78,7 +78,7 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
         assert got.keys() == want.keys()
         for path in want:
             for g, w in zip(got[path], want[path], strict=True):
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+                assert_same_function(g, w, HYPERNET_DEPTH, what=f"{uid} {path}")
     for uid in users[:2]:  # and peft itself loads them
         store.fetch_adapter(uid, str(tmp_path / "peft" / uid))
         PeftModel.from_pretrained(build_tiny_random(0), str(tmp_path / "peft" / uid))

@@ -12,7 +12,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from numerics import HYPERNET_DEPTH, assert_same_function
 from test_store_refresh import N_USERS, _check_every_row, _refresh, write_data40
 
 from p2p.data.schemas import DataError, read_table
@@ -97,7 +97,7 @@ def test_embeddings_only_refresh_and_switching_modes(ray_cluster, data40, tiny_h
         got = adapter_from_files(got)[0]
         for path in want:
             for a, b in zip(got[path], want[path], strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+                assert_same_function(a, b, HYPERNET_DEPTH, what=f"{u} {path}")
 
     # And back: rows drop their folders (gc frees them), nothing is generated.
     back = _refresh(tiny_hypernet, data40, uri, mode="embeddings")
