@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from bench.report import timed, write
-from p2p.hypernet import PRESETS, HypernetConfig, Hypernetwork
+from p2p.model.hypernet import PRESETS, HypernetConfig, Hypernetwork
 
 SMOLLM2 = dict(num_layers=30, shapes={"q_proj": [576, 576], "v_proj": [576, 192]},
                module_paths={"q_proj": "model.layers.{layer}.self_attn.q_proj",

@@ -1,14 +1,20 @@
-"""Write LaMP-2-shaped files (one question per user) whose answer depends on the user's history.
+"""Write LaMP-2- or LaMP-3-shaped files (one question per user) whose answer depends on the user's history.
 
 LaMP's own files cannot be fetched here (no network), so this writes files in exactly their
-shape: `<split>_questions.json` (a list of {id, input, profile: [{id, description, tag}]}) and
-`<split>_outputs.json` ({task: "LaMP_2", golds: [{id, output}]}), with LaMP-2's prompt and its 15
-tags. Every movie description mentions two themes; which of the two tags a user gives it
-depends on the user (a private ranking of the 15 tags, revealed by their history). Picking one
-of the two themes at random scores 0.5; answering the theme the user tagged more often in their
-history scores about 0.8; the input alone cannot do better than 0.5.
+shape: `<split>_questions.json` (a list of {id, input, profile: [...]}) and `<split>_outputs.json`
+({task, golds: [{id, output}]}), with LaMP's prompts.
 
-    python -m bench.lamp_shaped --out DIR [--users 1200] [--seed 0]
+- `--task LaMP_2` (movie tagging, LaMP-2's 15 tags): every movie description mentions two themes;
+  which of the two tags a user gives it depends on the user (a private ranking of the 15 tags,
+  revealed by their history): an interaction of the question and the user. Picking one of the two
+  themes at random scores 0.5; answering the theme the user tagged more often in their history
+  scores about 0.76; the input alone cannot do better than 0.5.
+- `--task LaMP_3` (product rating, 1-5): every review's text carries a sentiment 1-5, and each
+  user shifts every rating by a personal offset (-2..+2, clipped to 1..5), revealed by their
+  history: a shift that applies to every question. The input alone scores MAE ~0.9; reading the
+  offset off the history (a hand rule) ~0.35.
+
+    python -m bench.lamp_shaped --out DIR [--task LaMP_2] [--users 1200] [--seed 0]
     for s in train val test_id; do p2p import-lamp --questions DIR/${s}_questions.json \
         --outputs DIR/${s}_outputs.json --split $s --out DATA; done
 """
@@ -21,7 +27,7 @@ import os
 import random
 from collections import Counter
 
-from p2p.tasks import LAMP_2_PROMPT, LAMP_2_TAGS
+from p2p.task.registry import LAMP_2_PROMPT, LAMP_2_TAGS, LAMP_3_PROMPT
 
 THEMES = {
     "sci-fi": ["on a distant space colony", "with time-travelling scientists", "as robots become self-aware"],
@@ -52,6 +58,20 @@ SUBJECTS = ["A young teacher", "Two brothers", "A retired detective", "A struggl
 ACTIONS = ["fights to survive", "searches for the truth", "tries to start over", "uncovers a secret",
            "risks everything", "must make an impossible choice", "returns home", "chases a dream"]
 SPLITS = (("train", 0.7), ("val", 0.1), ("test_id", 0.2))
+SENTIMENT = {
+    1: ["It broke after two days and support never answered.", "Honestly a complete waste of money.",
+        "Terrible quality, I returned it the same week.", "Awful. Nothing about it works as promised."],
+    2: ["It works, but it feels cheap and flimsy.", "Disappointing for the price.",
+        "Several small problems add up to a frustrating experience.", "Not great; I expected much more."],
+    3: ["It is fine, nothing special.", "Does the job, with a few quirks.", "Average quality for an average price.",
+        "Some things I like, some I don't."],
+    4: ["Solid build and works well.", "Really good value, a few minor flaws.", "I am happy with it overall.",
+        "Good quality and easy to use."],
+    5: ["Absolutely perfect, I use it every day.", "Outstanding quality, exceeded every expectation.",
+        "The best purchase I made this year.", "Flawless. I would buy it again in a heartbeat."],
+}
+PRODUCTS = ["blender", "pair of headphones", "backpack", "coffee grinder", "desk lamp", "running shoe", "kettle",
+            "phone case", "office chair", "water bottle"]
 
 
 def movie(rng: random.Random, themes: tuple[str, str]) -> str:
@@ -83,9 +103,37 @@ def history_rule(profile: list[dict], themes: tuple[str, str]) -> str:
     return max(themes, key=lambda t: (counts[t], t))
 
 
+def review(rng: random.Random, sentiment: int) -> str:
+    return f"I bought this {rng.choice(PRODUCTS)}. {rng.choice(SENTIMENT[sentiment])}"
+
+
+def rating(rng: random.Random, sentiment: int, offset: int, noise: float) -> int:
+    score = sentiment + offset + (rng.choice((-1, 1)) if rng.random() < noise else 0)
+    return min(5, max(1, score))
+
+
+def make_rating_user(rng: random.Random, uid: str, items: int, noise: float) -> tuple[dict, str, int]:
+    offset = rng.choice((-2, -1, 0, 1, 2))
+    profile = []
+    for j in range(items):
+        s = rng.randint(1, 5)
+        profile.append({"id": f"{uid}-{j}", "text": review(rng, s), "score": str(rating(rng, s, offset, noise))})
+    s = rng.randint(1, 5)
+    question = {"id": uid, "input": LAMP_3_PROMPT.format(text=review(rng, s)), "profile": profile}
+    return question, str(rating(rng, s, offset, 0.0)), s
+
+
+def offset_rule(profile: list[dict], sentiment: int) -> str:
+    """The hand rule: the user's mean shift over their history (text sentiment read off the phrase lists)."""
+    sentiment_of = {phrase: s for s, phrases in SENTIMENT.items() for phrase in phrases}
+    shifts = [int(p["score"]) - next(v for k, v in sentiment_of.items() if k in p["text"]) for p in profile]
+    return str(min(5, max(1, round(sentiment + sum(shifts) / len(shifts)))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--task", default="LaMP_2", choices=["LaMP_2", "LaMP_3"])
     ap.add_argument("--users", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=0.05)
@@ -94,24 +142,30 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     by_split: dict[str, tuple[list, list]] = {s: ([], []) for s, _ in SPLITS}
-    rule_hits = 0
+    rule_score = 0.0
     for i in range(args.users):
         r = rng.random()
         split = next(s for (s, _), acc in zip(SPLITS, (0.7, 0.8, 1.01), strict=True) if r < acc)
-        question, gold, themes = make_user(rng, f"lamp2-{i:05d}", rng.randint(args.min_items, args.max_items),
-                                           args.noise)
+        items = rng.randint(args.min_items, args.max_items)
+        if args.task == "LaMP_2":
+            question, gold, themes = make_user(rng, f"lamp2-{i:05d}", items, args.noise)
+            rule_score += history_rule(question["profile"], themes) == gold
+        else:
+            question, gold, sentiment = make_rating_user(rng, f"lamp3-{i:05d}", items, args.noise)
+            rule_score += abs(int(offset_rule(question["profile"], sentiment)) - int(gold))
         by_split[split][0].append(question)
         by_split[split][1].append({"id": question["id"], "output": gold})
-        rule_hits += history_rule(question["profile"], themes) == gold
     os.makedirs(args.out, exist_ok=True)
     for split, (questions, golds) in by_split.items():
         with open(os.path.join(args.out, f"{split}_questions.json"), "w") as f:
             json.dump(questions, f)
         with open(os.path.join(args.out, f"{split}_outputs.json"), "w") as f:
-            json.dump({"task": "LaMP_2", "golds": golds}, f)
+            json.dump({"task": args.task, "golds": golds}, f)
     counts = {s: len(q) for s, (q, _) in by_split.items()}
-    print(f"wrote LaMP_2-shaped files for {args.users} users to {args.out}: {counts}; "
-          f"history rule (the theme tagged more often) scores {rule_hits / args.users:.3f}, a coin 0.5")
+    rule = ("history rule (the theme tagged more often): accuracy" if args.task == "LaMP_2"
+            else "history rule (the user's mean shift): MAE")
+    print(f"wrote {args.task}-shaped files for {args.users} users to {args.out}: {counts}; "
+          f"{rule} {rule_score / args.users:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ import torch
 from peft import PeftModel
 
 from bench.report import timed, write
-from p2p.generate import export_adapter, generate_user_adapters
-from p2p.hypernet import Hypernetwork, make_config
-from p2p.lora import adapters_applied, wrap_model
-from p2p.models import load_base_model
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import Hypernetwork, make_config
+from p2p.model.lora import adapters_applied, wrap_model
+from p2p.model.peft_format import write_peft_folder
+from p2p.personalize import Personalizer
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         generated = hypernet(torch.randn(args.batch, 384))
     wrap_model(wrapped, config.target_modules, config.layers)
     with tempfile.TemporaryDirectory() as tmp:
-        export_adapter(hypernet, "bench", generate_user_adapters(hypernet, torch.randn(1, 384))[0], tmp)
+        write_peft_folder(Personalizer(hypernet, "bench").files(hypernet.user_adapters(torch.randn(1, 384))[0]), tmp)
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
 
     def ours():

@@ -18,9 +18,12 @@ import time
 import numpy as np
 
 from bench.report import write
-from p2p.data.synthetic import GENRES, HEADLINE_CASINGS, HEADLINE_ENDINGS, HEADLINE_PREFIXES, generate_chunk
-from p2p.encoder import ProfileEncoder
-from p2p.profile import ProfileConfig, build_profile, profile_features
+from p2p.data.synthetic import HEADLINE_CASINGS, HEADLINE_ENDINGS, HEADLINE_PREFIXES, generate_chunk
+from p2p.profile.config import ProfileConfig
+from p2p.profile.encoder import ProfileEncoder
+from p2p.profile.features import profile_features
+from p2p.profile.text import build_profile
+from p2p.task.registry import GENRES
 
 
 def attributes(users) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:

@@ -1,6 +1,6 @@
 """Which change to the training recipe buys what: ablations on held-out users, against the controls.
 
-Each variant trains the hypernetwork with the single-process loop (`p2p.training.train_local`, the
+Each variant trains the hypernetwork with the single-process loop (`p2p.train.loop.train_local`, the
 same step `p2p train` runs on Ray) for the same number of steps on the same data, then `p2p eval`
 scores P2P and the `shuffled` control (P2P's own hypernet, other users' profiles) on the same
 held-out users: the gap between them is what the hypernet learned about users. Embedding
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import tempfile
 import time
@@ -30,10 +29,10 @@ import pyarrow as pa
 from bench.report import write
 from p2p.config import TrainConfig
 from p2p.data.schemas import read_table
-from p2p.evaluate import EvalConfig, Evaluation
-from p2p.hypernet import save_hypernet
-from p2p.models import load_base_model
-from p2p.training import examples_with_embeddings
+from p2p.evaluation.evaluate import EvalConfig, Evaluation
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import save_hypernet
+from p2p.train.examples import example_rows
 
 ZERO_HEADS = {"head_init_std": 0.0, "head_output_scale": 1.0}
 # name -> (what changes, TrainConfig overrides, embedding part)
@@ -60,13 +59,13 @@ def sliced_profiles(profiles: pa.Table, part: str, features: int) -> pa.Table:
 def run_variant(name: str, base: TrainConfig, data: str, profiles: pa.Table, model, tokenizer, args
                 ) -> tuple[dict, list[str]]:
     """The variant's row, and the held-out users it was scored on."""
-    from p2p.training import train_local
+    from p2p.train.loop import train_local
 
     what, overrides, part = VARIANTS[name]
-    config = dataclasses.replace(base, **overrides)
+    config = TrainConfig.model_validate({**base.model_dump(), **overrides})
     table = sliced_profiles(profiles, part, base.profile_features)
-    train = examples_with_embeddings(data, table, ("train",), config.tasks)
-    val = examples_with_embeddings(data, table, ("val",), config.tasks)
+    train = example_rows(data, table, ("train",), config.tasks)
+    val = example_rows(data, table, ("val",), config.tasks)
     dim = len(train[0]["embedding"])
     t0 = time.perf_counter()
     result = train_local(config, copy.deepcopy(model), tokenizer, train, val, dim, log=lambda s: None)

@@ -32,16 +32,18 @@ import numpy as np
 import torch
 
 from bench.report import write
-from p2p.config import RefreshConfig
 from p2p.data.schemas import read_table
 from p2p.data.synthetic import write_synthetic
-from p2p.encoder import ProfileEncoder
-from p2p.generate import adapter_files, generate_user_adapters
-from p2p.hypernet import Hypernetwork, make_config, save_hypernet
-from p2p.lora import adapter_from_files
-from p2p.models import load_base_model
-from p2p.profile import ProfileConfig, build_profile, profile_hash
-from p2p.store import AdapterStore, adapters_from_rows
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import Hypernetwork, make_config, save_hypernet
+from p2p.model.peft_format import adapter_from_files
+from p2p.personalize import Personalizer
+from p2p.profile.config import ProfileConfig
+from p2p.profile.embedder import profile_hash
+from p2p.profile.encoder import ProfileEncoder
+from p2p.profile.text import build_profile
+from p2p.store import AdapterStore
+from pipelines.refresh import RefreshConfig
 
 
 def rate(n: int, seconds: float) -> float:
@@ -64,8 +66,8 @@ def stages_alone(hypernet, hid: str, encoder_name: str, profile: dict, histories
     t = time.perf_counter()
     files = []
     for i in range(0, n, bs):
-        for a in generate_user_adapters(hypernet, emb[i : i + bs]):
-            files.append(adapter_files(hypernet, hid, a))
+        for a in hypernet.user_adapters(emb[i : i + bs]):
+            files.append(Personalizer(hypernet, hid).files(a))
     stages["generate"] = time.perf_counter() - t
     store = AdapterStore(os.path.join(tmp, "store-alone"))
     t = time.perf_counter()
@@ -87,14 +89,14 @@ def cold_latencies(uri: str, mode: str, users: list[str], hypernet, hid: str) ->
         if mode == "adapters":
             adapter_from_files(store.read_adapter(uid)[0])
         else:
-            adapters_from_rows(hypernet, hid, [store.adapter_row(uid, embedding=True)])
+            Personalizer(hypernet, hid).adapters_from_rows([store.adapter_row(uid, embedding=True)])
         times.append(time.perf_counter() - t)
     out = {"cold p50 ms": 1000 * float(np.percentile(times, 50)), "cold p95 ms": 1000 * float(np.percentile(times, 95))}
     if mode == "embeddings":
         batched = []
         for i in range(0, len(users) - 15, 16):
             t = time.perf_counter()
-            adapters_from_rows(hypernet, hid, [store.adapter_row(u, embedding=True) for u in users[i : i + 16]])
+            Personalizer(hypernet, hid).adapters_from_rows([store.adapter_row(u, embedding=True) for u in users[i : i + 16]])
             batched.append((time.perf_counter() - t) / 16)
         out["batched p50 ms/user"] = 1000 * float(np.percentile(batched, 50))
     return out

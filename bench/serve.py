@@ -34,9 +34,9 @@ import requests
 import torch
 
 from bench.report import write
-from p2p.generate import adapter_files, generate_user_adapters
-from p2p.hypernet import Hypernetwork, make_config, save_hypernet
-from p2p.models import load_base_model
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import Hypernetwork, make_config, save_hypernet
+from p2p.personalize import Personalizer, publish_hypernet
 from p2p.store import AdapterStore
 
 PROMPT = "Write a one-line review of a quiet cafe."
@@ -53,12 +53,12 @@ def build_store(root: str, users: int) -> AdapterStore:
             p.add_(torch.randn_like(p) * 1e-3)
     save_hypernet(hypernet, f"{root}/hn")
     store = AdapterStore(f"file://{root}/store")
-    hid = store.publish_hypernet(f"{root}/hn")
+    hid = publish_hypernet(store, f"{root}/hn")
     run_id = store.begin(hid)
     emb = np.random.default_rng(0).standard_normal((users, 384)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    items = [(f"user{i:05d}", adapter_files(hypernet, hid, a), f"h{i}", e)
-             for i, (a, e) in enumerate(zip(generate_user_adapters(hypernet, emb), emb, strict=True))]
+    items = [(f"user{i:05d}", Personalizer(hypernet, hid).files(a), f"h{i}", e)
+             for i, (a, e) in enumerate(zip(hypernet.user_adapters(emb), emb, strict=True))]
     part = store.write_manifest_part(hid, run_id, store.write_adapters(hid, run_id, items), 384)
     store.commit(hid, run_id, [part], users)
     return store

@@ -44,9 +44,8 @@ def _hash_strings(words: np.ndarray) -> list[str]:
 
 def build(root: str, users: int, part_rows: int) -> dict:
     """Two committed runs (A, then B with 10% changed); returns what was built."""
-    from p2p.data.schemas import manifest_schema
     from p2p.store import AdapterStore, new_run_id
-    from p2p.store.manifest import embedding_digest, encode
+    from p2p.store.manifest import embedding_digest, encode, manifest_schema
 
     store = AdapterStore(root)
     schema = manifest_schema(DIM)

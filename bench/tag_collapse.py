@@ -13,14 +13,13 @@ import argparse
 import collections
 import copy
 
-from p2p.adapted_model import AdaptedModel
-from p2p.baselines import P2P, Answerer
-from p2p.data.synthetic import GENRE_TAGS
-from p2p.evaluate import EvalConfig, checkpoint_dir, select
-from p2p.hypernet import load_hypernet
-from p2p.models import load_base_model
-from p2p.personalizer import Personalizer
-from p2p.tasks import tasks_of
+from p2p.evaluation.baselines import P2P, Answerer
+from p2p.evaluation.evaluate import EvalConfig, checkpoint_dir, select
+from p2p.model.adapted import AdaptedModel
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import load_hypernet
+from p2p.personalize import Personalizer
+from p2p.task.registry import GENRE_TAGS, tasks_of
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import random
 
 from bench.report import write
 from p2p.data.schemas import examples_uri, read_table
-from p2p.models import load_tokenizer
+from p2p.model.base import load_tokenizer
 
 
 def padded(lengths: list[int], batch: int) -> int:

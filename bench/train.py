@@ -18,11 +18,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from bench.report import write
-from p2p.adapted_model import AdaptedModel
 from p2p.config import TrainConfig
-from p2p.hypernet import Hypernetwork
-from p2p.models import load_base_model
-from p2p.training import IGNORE, AdapterLM, Batch, hypernet_config_for, target_loss
+from p2p.model.adapted import AdaptedModel
+from p2p.model.base import load_base_model
+from p2p.model.hypernet import Hypernetwork
+from p2p.train.batch import IGNORE, Batch
+from p2p.train.loop import hypernet_config_for
+from p2p.train.step import AdapterLoss, target_loss
 
 
 def make_batch(n: int, seq: int, vocab: int, target_len: int = 8) -> Batch:
@@ -50,11 +52,11 @@ def measure_ours(base, tokenizer, batch: Batch, args) -> tuple[float, list[int]]
     cfg = TrainConfig(base=args.base, encoder="minilm", top_k_layers=args.top_k_layers, lr=1e-3)
     model = copy.deepcopy(base)
     hypernet = Hypernetwork(hypernet_config_for(cfg, model, 384))
-    lm = AdapterLM(AdaptedModel(model, tokenizer, hypernet.config), cache_prefix=True)
+    lm = AdapterLoss(AdaptedModel(model, tokenizer, hypernet.config), cache_prefix=True)
     opt = torch.optim.AdamW(hypernet.parameters(), lr=1e-4)
 
     def step():
-        loss, _ = lm.loss(hypernet, batch, cfg)
+        loss, _ = lm(hypernet, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,7 +1,7 @@
 """The distributed training path against the single-process loop it wraps: examples/s, same cores, one run.
 
 Both train the same hypernet on the same data for the same number of steps of the same total
-batch: `p2p.training.train_local` in this process (torch's threads over every core), and
+batch: `p2p.train.loop.train_local` in this process (torch's threads over every core), and
 `p2p train` on a local Ray cluster (Ray Train workers, DeepSpeed ZeRO, gloo, one CPU each), once per
 ZeRO stage asked for. Each reports examples/s of its training loop (setup and validation excluded),
 over the whole loop and over its second half (after the first epoch's cache fill and warm-up). The
@@ -30,10 +30,11 @@ from bench.report import write
 from p2p.config import TrainConfig
 from p2p.data.schemas import read_table
 from p2p.data.synthetic import write_synthetic
-from p2p.models import load_base_model
-from p2p.personalizer import ProfileEmbedder, build_profiles
-from p2p.profile import ProfileConfig
-from p2p.training import examples_with_embeddings, train_local
+from p2p.model.base import load_base_model
+from p2p.profile.config import ProfileConfig
+from p2p.profile.embedder import ProfileEmbedder, build_profiles
+from p2p.train.examples import example_rows
+from p2p.train.loop import train_local
 
 
 def rates(records: list[dict], batch: int) -> tuple[float, float]:
@@ -94,8 +95,8 @@ def main() -> None:
     os.makedirs(os.path.join(data, "profiles"))
     pq.write_table(profiles, os.path.join(data, "profiles", "part-0.parquet"))
     table = read_table(os.path.join(data, "profiles"), "profiles")
-    train = examples_with_embeddings(data, table, ("train",))
-    val = examples_with_embeddings(data, table, ("val",))
+    train = example_rows(data, table, ("train",))
+    val = example_rows(data, table, ("val",))
 
     model, tokenizer = load_base_model(args.base)
 

@@ -16,8 +16,8 @@ import argparse
 import collections
 
 from bench.report import write
-from p2p.evaluate import EvalConfig, Evaluation
-from p2p.metrics import score
+from p2p.evaluation.evaluate import EvalConfig, Evaluation
+from p2p.evaluation.metrics import score
 
 
 def main() -> None:

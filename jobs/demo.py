@@ -55,10 +55,12 @@ def held_out_tag_examples(data: str, n: int) -> list[dict]:
 def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = False) -> int:
     import requests
 
-    from p2p.baselines import OPPUConfig
-    from p2p.config import RefreshConfig, load_config
+    from p2p.config import load_config
     from p2p.data.synthetic import write_synthetic
-    from p2p.evaluate import EvalConfig, report_markdown, run_eval
+    from p2p.evaluation.baselines import OPPUConfig
+    from p2p.evaluation.evaluate import EvalConfig, run_eval
+    from p2p.evaluation.report import report_markdown
+    from pipelines.refresh import RefreshConfig
 
     shutil.rmtree(out, ignore_errors=True)
     data, run_dir, store = f"{out}/data", f"{out}/run", f"file://{out}/store"

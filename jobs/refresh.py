@@ -6,7 +6,7 @@ changed), 1 when some users failed (their previous adapters stay committed), 2 o
 
 import sys
 
-from p2p.cli import main
+from pipelines.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["refresh", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ joins that cluster (RAY_ADDRESS is set by the job supervisor).
 
 import sys
 
-from p2p.cli import main
+from pipelines.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

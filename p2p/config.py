@@ -1,44 +1,63 @@
-"""Job configurations (training, refresh): flat dataclasses, loaded from YAML and validated before any work.
+"""The training config: a pydantic model, loaded from YAML and validated before any work starts.
 
-Every field is documented where it is declared; `jobs/configs/*.yaml` are examples.
-An unknown field or a value of the wrong type is an error that names the field.
+Every field is documented where it is declared; `jobs/configs/*.yaml` are examples. An unknown
+field, a value of the wrong type or out of range is one error line that names the file and the
+field (`load_config`). The same loader reads the refresh job's config (pipelines/refresh.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from p2p.errors import P2PError
+from p2p.profile.config import ProfileConfig
+
+PROFILE = ProfileConfig()  # the profile settings' defaults, in one place
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+AtLeastZero = Annotated[int, Field(ge=0)]
 
 
-@dataclass
-class TrainConfig:
+class FieldError(ValueError):
+    """A value a validator refuses, naming the field (cross-field checks have no location of their own)."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(why)
+        self.field, self.why = field, why
+
+
+class StrictConfig(BaseModel):
+    """Unknown fields are errors; values are not coerced (a string is not an integer), ints may be floats."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+
+
+class TrainConfig(StrictConfig):
     # --- model -------------------------------------------------------------------------------
     base: str = "smollm2-135m"  # base LLM: smollm2-135m, tiny-random, HF id or local directory
-    encoder: str = "minilm"  # profile encoder: minilm, hashing (tests), or a sentence-transformers path
+    encoder: str = "minilm"  # profile encoder: minilm, hashing (tests), none, or a sentence-transformers path
     preset: str = "small"  # hypernetwork sizes: small (CPU) or paper
-    rank: int = 8  # LoRA rank r
+    rank: Positive = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA alpha
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (exports stay exact either way)
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # modules that get adapters
-    top_k_layers: int | None = None  # adapters on the top K layers only (None: all layers)
+    targets: Annotated[list[str], Field(min_length=1)] = ["q_proj", "v_proj"]  # modules that get adapters
+    top_k_layers: Positive | None = None  # adapters on the top K layers only (None: all layers)
     cache_prefix: bool = True  # with top K layers: cache the frozen layers' outputs per example
     cache_max_bytes: int = 2 << 30  # per worker; past it, prefixes are recomputed instead of stored
-    profile_top_k: int = 8  # history items quoted in each profile
-    profile_max_chars: int = 900  # bound on a profile's length (900: fits MiniLM's 256-token window)
-    profile_features: int = 256  # label-statistics dimensions appended to the text embedding (0: none)
+    profile_top_k: int = PROFILE.top_k  # history items quoted in each profile
+    profile_max_chars: int = PROFILE.max_chars  # bound on a profile's length (900: fits MiniLM's 256-token window)
+    profile_features: AtLeastZero = 256  # label-statistics dimensions appended to the text embedding (0: none)
     standardize_inputs: bool = True  # standardize embeddings with the training users' mean and std
     head_init_std: float = 1e-5  # initial head weights (0: zero heads, whose trunk gets no gradient at step 0)
     head_output_scale: float | None = None  # heads emit bias + scale * (W h); None: 1/sqrt(head_in)
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
-    max_seq_len: int = 256  # prompt + target tokens; a longer prompt loses the middle of its user text
+    max_seq_len: Positive = 256  # prompt + target tokens; a longer prompt loses the middle of its user text
     batch_by_task: bool = False  # each batch holds one task (no padding a short task to a long one's length)
     # With batch_by_task: a task's batches come this many times as often as its share of the examples
     # (e.g. {rate: 2}); an unlisted task weighs 1.
@@ -49,9 +68,9 @@ class TrainConfig:
     # differences between checkpoints that matter.
     val_examples: int = 384
     # --- optimisation --------------------------------------------------------------------------
-    batch_size: int = 8  # examples per step per worker
-    max_steps: int = 300  # optimizer steps
-    lr: float = 1e-3  # peak learning rate (small random heads with output scale: ~1e-3, docs/design.md)
+    batch_size: Positive = 8  # examples per step per worker
+    max_steps: Positive = 300  # optimizer steps
+    lr: PositiveFloat = 1e-3  # peak learning rate (small random heads with output scale: ~1e-3, docs/design.md)
     warmup_steps: int = 30  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW weight decay
@@ -61,9 +80,9 @@ class TrainConfig:
     seed: int = 0  # initialisation and data order
     control: str = "none"  # "shared": every user gets the same embedding (the non-personalized control)
     # --- schedule and distribution ---------------------------------------------------------------
-    eval_every: int = 50  # steps between val loss, progress line and checkpoint
-    log_every: int = 10  # steps between progress lines without evaluation
-    workers: int = 2  # Ray Train workers
+    eval_every: Positive = 50  # steps between val loss, progress line and checkpoint
+    log_every: Positive = 10  # steps between progress lines without evaluation
+    workers: Positive = 2  # Ray Train workers
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     use_gpu: bool = False  # one GPU per worker (nccl) instead of CPU (gloo)
     bf16: bool = False  # DeepSpeed bf16 mixed precision (GPU: Ampere or newer; also runs on CPU)
@@ -71,35 +90,33 @@ class TrainConfig:
     cpus_per_worker: int = 1  # Ray resources per worker
     max_failures: int = 2  # worker failures Ray Train recovers from (resume from the latest checkpoint)
 
-    def validate(self) -> TrainConfig:
-        def bad(name: str, why: str):
-            raise P2PError(f"config field {name!r}: {why}")
+    @field_validator("control")
+    @classmethod
+    def _control(cls, v: str) -> str:
+        return _one_of(v, ("none", "shared"))
 
-        if self.control not in ("none", "shared"):
-            bad("control", f"{self.control!r} is not none or shared")
-        if self.preset not in ("small", "paper"):
-            bad("preset", f"{self.preset!r} is not small or paper")
-        if not 0 <= self.zero_stage <= 3:
-            bad("zero_stage", f"must be 0..3, got {self.zero_stage}")
-        for name in ("rank", "batch_size", "max_steps", "max_seq_len", "eval_every", "log_every", "workers"):
-            if getattr(self, name) <= 0:
-                bad(name, f"must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            bad("lr", f"must be positive, got {self.lr}")
-        if self.top_k_layers is not None and self.top_k_layers <= 0:
-            bad("top_k_layers", f"must be positive or null, got {self.top_k_layers}")
-        if not self.targets:
-            bad("targets", "needs at least one module name")
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str) -> str:
+        return _one_of(v, ("small", "paper"))
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, v: int) -> int:
+        if not 0 <= v <= 3:
+            raise ValueError(f"must be 0..3, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _together(self) -> TrainConfig:
         if self.bf16 and self.fp16:
-            bad("fp16", "bf16 and fp16 are exclusive")
-        if self.profile_features < 0:
-            bad("profile_features", f"must be >= 0, got {self.profile_features}")
+            raise FieldError("fp16", "bf16 and fp16 are exclusive")
         if self.task_weights is not None:
             if not self.batch_by_task:
-                bad("task_weights", "needs batch_by_task: true")
+                raise FieldError("task_weights", "needs batch_by_task: true")
             for task, weight in self.task_weights.items():
                 if not (math.isfinite(weight) and weight > 0):
-                    bad("task_weights", f"the weight of {task!r} must be a positive number, got {weight}")
+                    raise FieldError("task_weights", f"the weight of {task!r} must be a positive number, got {weight}")
         return self
 
     def profile_config(self) -> dict:
@@ -107,94 +124,56 @@ class TrainConfig:
         return {"top_k": self.profile_top_k, "max_chars": self.profile_max_chars, "features": self.profile_features}
 
 
-def _check_type(name: str, value, hint) -> object:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _check_type(name, value, opt)
-            except P2PError:
-                continue
-        raise P2PError(f"config field {name!r}: {value!r} is not {hint}")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise P2PError(f"config field {name!r}: expected a mapping, got {value!r}")
-        key_hint, value_hint = typing.get_args(hint)
-        return {_check_type(name, k, key_hint): _check_type(name, v, value_hint) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise P2PError(f"config field {name!r}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(hint)
-        return [_check_type(name, v, inner) for v in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is bool and not isinstance(value, bool):
-        raise P2PError(f"config field {name!r}: expected true/false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise P2PError(f"config field {name!r}: expected an integer, got {value!r}")
-    if not isinstance(value, hint):
-        raise P2PError(f"config field {name!r}: expected {hint.__name__}, got {value!r}")
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not {' or '.join(allowed)}")
     return value
 
 
-STORE_MODES = ("adapters", "embeddings")  # the values p2p.store.runs.MODES accepts
+Config = TypeVar("Config", bound=StrictConfig)
+
+# pydantic's error types -> how the message reads to someone editing a YAML file.
+_TYPE_WORDS = {"int_type": "expected an integer", "float_type": "expected a number", "bool_type": "expected true/false",
+               "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping"}
 
 
-@dataclass
-class RefreshConfig:
-    """The nightly refresh (`p2p refresh`, jobs/refresh.py); jobs/README.md explains each guard."""
-
-    hypernet: str = ""  # a checkpoint folder (published into the store) or a hypernet id already stored
-    data: str = ""  # data directory with users/ (or a users Parquet path), local or s3://
-    store: str = ""  # adapter store root: a path, file://... or s3://bucket/prefix
-    full: bool = False  # regenerate every user, not only those whose profile or hypernet changed
-    mode: str = "adapters"  # adapters: a PEFT folder per user; embeddings: embeddings only, adapters made on a miss
-    batch_size: int = 64  # users per block through profile, embed and generate
-    embed_actors: int = 1  # encoder actors (one model each; one per GPU on a cluster)
-    generate_actors: int = 1  # hypernet actors, each writing its users' PEFT folders
-    create: bool = False  # create the store's S3 bucket if missing (otherwise a missing bucket is an error)
-    max_removed_share: float = 0.2  # refuse a run that drops more than this share of committed users...
-    allow_mass_removal: bool = False  # ...unless this is set (an empty or truncated users file)
-    readmit: list[str] = field(default_factory=list)  # deleted (tombstoned) user ids allowed back in
-    lease_wait_s: float = 0.0  # wait this long for another run's lease, then exit 3 naming its holder
-    lease_ttl_s: float = 120.0  # a dead run's lease expires this long after its last heartbeat
-
-    def validate(self) -> RefreshConfig:
-        for name in ("hypernet", "data", "store"):
-            if not getattr(self, name):
-                raise P2PError(f"refresh: {name!r} is required (config field or --{name})")
-        for name in ("batch_size", "embed_actors", "generate_actors"):
-            if getattr(self, name) < 1:
-                raise P2PError(f"refresh: {name!r} must be >= 1, got {getattr(self, name)}")
-        if self.mode not in STORE_MODES:
-            raise P2PError(f"refresh: 'mode' must be one of {', '.join(STORE_MODES)}, got {self.mode!r}")
-        if not 0.0 <= self.max_removed_share <= 1.0:
-            raise P2PError(f"refresh: 'max_removed_share' must be in [0, 1], got {self.max_removed_share}")
-        if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:
-            raise P2PError(f"refresh: 'lease_ttl_s' must be > 0 and 'lease_wait_s' >= 0, got "
-                           f"{self.lease_ttl_s} and {self.lease_wait_s}")
-        return self
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def config_from_dict(data: dict, source: str = "config", cls: type = TrainConfig):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise P2PError(f"{source}: unknown config field {unknown[0]!r} (valid fields: {', '.join(sorted(names))})")
+def _message(exc: ValidationError, cls: type[StrictConfig]) -> str:
+    """The first error, as `config field 'name': what is wrong` (or `unknown config field 'name' ...`)."""
+    err = exc.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return f"config field {cause.field!r}: {cause.why}"
+    field = str(err["loc"][0]) if err["loc"] else "?"
+    if err["type"] == "missing":
+        return f"config field {field!r}: is required (a config field or the option of that name)"
+    limit = err.get("ctx") or {}
+    if err["type"] in _BOUNDS:
+        bound = next(iter(v for k, v in limit.items() if k in ("gt", "ge", "lt", "le")))
+        words = "must be positive" if (err["type"], bound) == ("greater_than", 0) else f"must be {_BOUNDS[err['type']]} {bound}"
+        return f"config field {field!r}: {words}, got {err.get('input')!r}"
+    if err["type"] in ("too_short", "string_too_short"):
+        missing = "is required (a config field or the option of that name)" if isinstance(err.get("input"), str) \
+            else "needs at least one value"
+        return f"config field {field!r}: {missing}"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config field {field!r} (valid fields: {', '.join(sorted(cls.model_fields))})"
+    if isinstance(cause, ValueError):
+        return f"config field {field!r}: {cause}"
+    words = _TYPE_WORDS.get(err["type"], err["msg"][0].lower() + err["msg"][1:])
+    return f"config field {field!r}: {words}, got {err.get('input')!r}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config", cls: type[Config] = TrainConfig) -> Config:
     try:
-        values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
-    except P2PError as exc:
-        raise P2PError(f"{source}: {exc}") from None
-    return cls(**values).validate()
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise P2PError(f"{source}: {_message(exc, cls)}") from None
 
 
-def load_config(path: str | None, cls: type = TrainConfig, **overrides):
+def load_config(path: str | None, cls: type[Config] = TrainConfig, **overrides) -> Config:
     """`cls` from a YAML file (or only `overrides` when `path` is None); overrides win when not None."""
     data: dict = {}
     if path is not None:
@@ -209,7 +188,3 @@ def load_config(path: str | None, cls: type = TrainConfig, **overrides):
             raise P2PError(f"{path}: expected a mapping of config fields")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data, path or "command line", cls)
-
-
-def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 from p2p.errors import P2PError
 from p2p.fs import display, filesystem
-from p2p.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_scale
+from p2p.model.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from p2p.model.peft_format import peft_scale
+from p2p.personalize import StoredAdapters
 from p2p.store import AdapterStore
 from p2p.userkey import user_key
 
@@ -101,8 +103,9 @@ def export_vllm(store: AdapterStore, out: str, base_model: str | None = None, us
     fs, root = filesystem(out)
     root = root.rstrip("/")
     result = Exported(display(fs, root), "", hid)
+    stored = StoredAdapters(store)
     for uid in users:
-        files, row = store.read_adapter(uid, hid)  # digest checked
+        files, row = stored.read(uid, hid)  # digest checked; an embeddings-only row is generated
         config = json.loads(files[ADAPTER_CONFIG])
         config = vllm_config(config, base_model or config.get("base_model_name_or_path") or "")
         result.base_model, result.max_rank = config["base_model_name_or_path"], max(result.max_rank, config["r"])

@@ -16,8 +16,13 @@ _SAFE = re.compile(r"[A-Za-z0-9_-]")
 MAX_KEY = 200
 
 
+def is_user_id(value: object) -> bool:
+    """A user id is a non-empty string (anything else has no key)."""
+    return isinstance(value, str) and value != ""
+
+
 def user_key(user_id: str) -> str:
-    if not isinstance(user_id, str) or user_id == "":
+    if not is_user_id(user_id):
         raise P2PError(f"invalid user id {user_id!r}: must be a non-empty string")
     key = "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in user_id)
     if len(key) > MAX_KEY:

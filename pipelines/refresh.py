@@ -27,23 +27,26 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from pydantic import Field
 from ray.data import ActorPoolStrategy
 
-from p2p.config import RefreshConfig
+from p2p.config import Positive, StrictConfig
 from p2p.data.schemas import check_schemas, users_uri
 from p2p.errors import P2PError
 from p2p.fs import filesystem
-from p2p.generate import adapter_files, generate_user_adapters
-from p2p.personalizer import Profile, ProfileEmbedder
+from p2p.personalize import Personalizer, resolve_hypernet
 from p2p.store import AdapterStore
 from p2p.store import layout as store_layout
 from p2p.store.manifest import as_embedding_row, embedding_row
 from p2p.store.plan import Planner, check_removals, read_input_ids
-from pipelines.ingest import profile_texts
+from p2p.store.runs import MODES
+from pipelines.ingest import EmbedProfiles, profile_texts
 from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
 
 log = logging.getLogger("p2p.refresh")
@@ -51,11 +54,33 @@ CARRIED = ["adapter_uri", "profile_hash", "sha256", "bytes", "created_at", "embe
 TERMINATED = 143  # exit status after SIGTERM (`ray job stop` sends it, then SIGKILL 3 s later)
 
 
+Given = Annotated[str, Field(min_length=1)]  # a required string: empty is as good as missing
+
+
+class RefreshConfig(StrictConfig):
+    """The nightly refresh (`p2p refresh`, jobs/refresh.py); jobs/README.md explains each guard."""
+
+    hypernet: Given  # a checkpoint folder (published into the store) or a hypernet id already stored
+    data: Given  # data directory with users/ (or a users Parquet path), local or s3://
+    store: Given  # adapter store root: a path, file://... or s3://bucket/prefix
+    full: bool = False  # regenerate every user, not only those whose profile or hypernet changed
+    mode: Literal[MODES] = "adapters"  # adapters: a PEFT folder per user; embeddings: embeddings only, adapters made on a miss
+    batch_size: Positive = 64  # users per block through profile, embed and generate
+    embed_actors: Positive = 1  # encoder actors (one model each; one per GPU on a cluster)
+    generate_actors: Positive = 1  # hypernet actors, each writing its users' PEFT folders
+    create: bool = False  # create the store's S3 bucket if missing (otherwise a missing bucket is an error)
+    max_removed_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2  # refuse a run that drops more than this share of committed users...
+    allow_mass_removal: bool = False  # ...unless this is set (an empty or truncated users file)
+    readmit: list[str] = []  # deleted (tombstoned) user ids allowed back in
+    lease_wait_s: Annotated[float, Field(ge=0.0)] = 0.0  # wait this long for another run's lease, then exit 3 naming its holder
+    lease_ttl_s: Annotated[float, Field(gt=0.0)] = 120.0  # a dead run's lease expires this long after its last heartbeat
+
+
 @dataclass
 class RefreshSummary:
     store: str
     hypernet_id: str
-    mode: str = "adapters"
+    mode: Literal[MODES] = "adapters"
     run_id: str | None = None
     committed: bool = False
     users_seen: int = 0
@@ -108,24 +133,12 @@ class Plan:
         return _timed(out, "plan", time.perf_counter() - t)
 
 
-class EmbedChanged:
-    """Encoder actor: embeds only the users whose profile is new or changed."""
-
-    def __init__(self, encoder: str, profile: dict):
-        self.embedder = ProfileEmbedder(encoder, profile)
+class EmbedChanged(EmbedProfiles):
+    """Encoder actor: embeds only the users whose profile is new or changed (status "embed")."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t = time.perf_counter()
-        todo = [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "embed"]
-        texts = batch.column("profile_text").to_pylist()
-        features = batch.column("features").to_pylist()
-        hashes = batch.column("profile_hash").to_pylist()
-        emb = self.embedder.embed([Profile(texts[i], np.asarray(features[i], np.float32), hashes[i]) for i in todo])
-        column: list = [None] * len(batch)
-        for j, i in enumerate(todo):
-            column[i] = emb[j].tolist()
-        out = batch.drop_columns(["profile_text", "features"])
-        out = out.append_column("embedding", pa.array(column, pa.list_(pa.float32())))
+        out = super().__call__(batch).drop_columns(["profile_text"])
         return _timed(out, "embed", time.perf_counter() - t)
 
 
@@ -134,7 +147,7 @@ class GenerateAndWrite:
 
     def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int):
         self.store = AdapterStore(store)
-        self.hypernet = self.store.load_hypernet(hypernet_id)[0] if mode == "adapters" else None
+        self.personalizer = Personalizer.from_store(self.store, hypernet_id) if mode == "adapters" else None
         self.hypernet_id, self.run_id, self.mode, self.dim = hypernet_id, run_id, mode, dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -177,8 +190,8 @@ class GenerateAndWrite:
         if self.mode == "embeddings":
             return {r["user_id"]: embedding_row(r["user_id"], self.hypernet_id, r["profile_hash"], e, now)
                     for r, e in zip(ok, embeddings, strict=True)}, failures
-        adapters = generate_user_adapters(self.hypernet, embeddings) if ok else []
-        items = [(r["user_id"], adapter_files(self.hypernet, self.hypernet_id, a), r["profile_hash"], e)
+        adapters = self.personalizer.from_embeddings(embeddings) if ok else []
+        items = [(r["user_id"], self.personalizer.files(a), r["profile_hash"], e)
                  for r, a, e in zip(ok, adapters, embeddings, strict=True)]
         return {row["user_id"]: row for row in self.store.write_adapters(self.hypernet_id, self.run_id, items)}, failures
 
@@ -191,8 +204,8 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
     store = AdapterStore(config.store, create=config.create)
     with _exit_on_sigterm(), store.leased(f"refresh {config.hypernet}", ttl_s=config.lease_ttl_s,
                                           wait_s=config.lease_wait_s) as lease:
-        hypernet_id = store.resolve_hypernet(config.hypernet)
-        hconf = store.load_hypernet(hypernet_id)[0].config
+        hypernet_id = resolve_hypernet(store, config.hypernet)
+        hconf = Personalizer.from_store(store, hypernet_id).hypernet.config
         summary = RefreshSummary(store=config.store, hypernet_id=hypernet_id, mode=config.mode)
         committed = store.current(hypernet_id)
         committed_ids = store.manifest(committed, ["user_id"]).column("user_id") if committed else None
@@ -303,8 +316,6 @@ def _arrow_fs(uri: str):
     """A pyarrow filesystem over fsspec, so Ray Data reads s3:// with the same endpoint as the store."""
     if not uri.startswith(("s3://", "s3a://")):
         return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     return PyFileSystem(FSSpecHandler(filesystem(uri)[0]))
 
 

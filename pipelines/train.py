@@ -5,7 +5,7 @@ profiles, broadcast), computes the training users' embedding statistics (the hyp
 standardizes its inputs with them) and hands train/val datasets to a TorchTrainer. Each worker
 (`HypernetTrainRecipe`) wraps the hypernetwork (the only trainable module) in a DeepSpeed engine
 with the configured ZeRO stage (gloo on CPU, nccl on GPU), reads its shard once, and runs
-`p2p.training`'s step epoch after epoch. Every `eval_every` steps all workers compute the
+`p2p.train`'s loop epoch after epoch. Every `eval_every` steps all workers compute the
 task-balanced val loss on their val shard (all-reduced) and rank 0 reports a checkpoint; after a
 worker failure Ray restarts the group and training resumes from the latest checkpoint's step.
 """
@@ -13,7 +13,6 @@ worker failure Ray restarts the group and training resumes from the latest check
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -29,16 +28,40 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from p2p import logs
 from p2p.config import TrainConfig, config_from_dict
+from p2p.data.schemas import read_table
 from p2p.errors import P2PError
+from p2p.model.adapted import AdaptedModel
+from p2p.profile.config import ProfileConfig
+from p2p.profile.embedder import embedder_id
+from p2p.task.prompt import PromptFormat
+from p2p.train.batch import batches_of
+from p2p.train.batching import check_task_weights, collated, training_batches
+from p2p.train.examples import as_shared_control, attach_embeddings, embedding_stats
+from p2p.train.loop import TrainLoop, Validation, new_hypernet, optimizer_for, save_checkpoint
+from p2p.train.step import AdapterLoss, val_rows_sample
+from pipelines.ingest import run_profiles
 from pipelines.ray_setup import ensure_ray, user_errors
 
 STATE_FILE = "trainer_state.json"
+
+
+def deepspeed():
+    """The deepspeed module, imported on first use: inside a Ray Train worker, never in the driver.
+
+    Imported lazily on purpose (the one import here that is): importing DeepSpeed probes the
+    accelerator and sets up its own logging, which the driver of `p2p train` must not do.
+    """
+    import deepspeed as ds  # lazy: see the docstring
+
+    return ds
 
 
 def _ds_config(config: TrainConfig) -> dict:
@@ -60,12 +83,34 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
-class HypernetTrainRecipe:
-    """One Ray Train worker, in torchtune's recipe shape: named setup steps, restore, evaluate, save, train.
+class DeepSpeedStepper:
+    """A step through the DeepSpeed engine: its backward (ZeRO partitions, loss scaling), step, clip, schedule."""
 
-    The loss, the validation metric and the checkpoint format are the library's (`p2p.training`);
-    this class adds what distribution needs: the DeepSpeed engine, this worker's shard, all-reduced
-    validation, and Ray checkpoints with the step and best metric for resuming.
+    def __init__(self, engine):
+        self.engine = engine
+        self.source = engine  # the engine's forward is the hypernet's
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train(self, mode: bool) -> None:
+        self.engine.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+class HypernetTrainRecipe:
+    """One Ray Train worker, in torchtune's recipe shape: named setup steps, then the library's loop.
+
+    The loss, the loop, the validation metric and the checkpoint format are the library's
+    (`p2p.train`); this class adds what distribution needs: the DeepSpeed engine, this worker's
+    shard, all-reduced validation and progress, and Ray checkpoints with the step and best
+    metric for resuming.
 
     Each worker reads its training shard once into memory and then shuffles it per epoch itself:
     the frozen-prefix cache only pays off when the same examples come back to the same worker,
@@ -76,6 +121,7 @@ class HypernetTrainRecipe:
         self.loop_config = loop_config
         self.config: TrainConfig = config_from_dict(loop_config["config"])
         self.start_step, self.best = 0, float("inf")
+        self._loss_sum, self._loss_n = 0.0, 0
 
     def setup(self) -> None:
         self._setup_distributed()
@@ -85,34 +131,28 @@ class HypernetTrainRecipe:
         self._setup_data()
 
     def _setup_distributed(self) -> None:
-        import deepspeed
-
         # A C++ op for CPU shared-memory comms that we don't use: skip its 50-115 s build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed().ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.manual_seed(self.config.seed)
 
     def _setup_model(self) -> None:
-        from p2p.adapted_model import AdaptedModel
-        from p2p.hypernet import Hypernetwork
-        from p2p.models import load_base_model
-        from p2p.prompting import PromptFormat
-        from p2p.training import AdapterLM, hypernet_config_for
+        # lazy: transformers takes ~4 s to import; the driver and Ray Data's tasks import this module too
+        from p2p.model.base import load_base_model  # lazy: see above
 
         c = self.config
         model, tokenizer = load_base_model(c.base)
         if c.use_gpu:
             model = model.to(ray.train.torch.get_device())
-        self.hypernet = Hypernetwork(hypernet_config_for(c, model, self.loop_config["embed_dim"]))
         stats = self.loop_config["input_stats"]
-        self.hypernet.set_input_stats(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
-        self.lm = AdapterLM(AdaptedModel(model, tokenizer, self.hypernet.config), c.cache_prefix, c.cache_max_bytes)
+        self.hypernet = new_hypernet(c, model, self.loop_config["embed_dim"],
+                                     (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)))
+        self.loss = AdapterLoss(AdaptedModel(model, tokenizer, self.hypernet.config), c.cache_prefix,
+                                c.cache_max_bytes, c.label_smoothing, c.l2_adapter)
         self.fmt = PromptFormat(tokenizer)
 
     def _restore(self) -> None:
-        from safetensors.torch import load_file
-
         checkpoint = ray.train.get_checkpoint()
         if not checkpoint:
             return
@@ -125,16 +165,9 @@ class HypernetTrainRecipe:
             print(f"[p2p train] resumed from step {self.start_step}", flush=True)
 
     def _setup_engine(self) -> None:
-        import deepspeed
-
-        from p2p.training import lr_lambda
-
-        c = self.config
-        schedule = lr_lambda(c)
-        optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s + self.start_step))
-        self.engine, _, _, _ = deepspeed.initialize(model=self.hypernet, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=_ds_config(c))
+        optimizer, scheduler = optimizer_for(self.config, self.hypernet, self.start_step)
+        self.engine, _, _, _ = deepspeed().initialize(model=self.hypernet, optimizer=optimizer,
+                                                      lr_scheduler=scheduler, config=_ds_config(self.config))
         self.device = self.engine.device
 
     def _read_shard(self, name: str) -> list[dict]:
@@ -142,14 +175,10 @@ class HypernetTrainRecipe:
         for b in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
             rows.extend(_rows(b))
         if self.config.control == "shared":  # the non-personalized control: one embedding for everyone
-            from p2p.training import as_shared_control
-
             rows = as_shared_control(rows, self.hypernet.shared_embedding().numpy())
         return rows
 
     def _setup_data(self) -> None:
-        from p2p.training import batches_of, val_rows_sample
-
         c = self.config
         self.train_rows = self._read_shard("train")
         # This worker's share of the val examples; the shard is read to its end (stopping a
@@ -159,28 +188,18 @@ class HypernetTrainRecipe:
 
     def all_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum a dict of floats over workers (every worker must pass the same keys, in any order)."""
-        import torch.distributed as dist
-
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(t)
         return dict(zip(keys, t.tolist(), strict=True))
 
-    def evaluate(self) -> dict[str, float]:
-        from p2p.training import val_metrics, val_sums
-
-        self.engine.eval()
-        sums = val_sums(self.lm, self.engine, self.val_batches, self.config.label_smoothing)
-        # Workers may hold different tasks: agree on the key set first, then sum.
+    def _all_val_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """This worker's per-task val sums -> every worker's (workers may hold different tasks)."""
         tasks = self._all_tasks({k.rsplit("/", 1)[0] for k in sums})
-        sums = self.all_sum({f"{t}/{part}": sums.get(f"{t}/{part}", 0.0) for t in tasks for part in ("sum", "n")})
-        self.engine.train()
-        return val_metrics({k: v for k, v in sums.items() if not (k.endswith("/sum") and sums[k[:-4] + "/n"] == 0)})
+        return self.all_sum({f"{t}/{part}": sums.get(f"{t}/{part}", 0.0) for t in tasks for part in ("sum", "n")})
 
     def _all_tasks(self, mine: set[str]) -> list[str]:
-        import torch.distributed as dist
-
         if self.world == 1:
             return sorted(mine)
         gathered: list = [None] * self.world
@@ -188,61 +207,49 @@ class HypernetTrainRecipe:
         return sorted({t for part in gathered for t in part})
 
     def save(self, step: int, metrics: dict) -> ray.train.Checkpoint | None:
-        import deepspeed
-
-        from p2p.hypernet import save_hypernet
-
         params = list(self.hypernet.parameters())
-        gather = deepspeed.zero.GatheredParameters(params) if self.config.zero_stage == 3 else contextlib.nullcontext()
+        gather = (deepspeed().zero.GatheredParameters(params) if self.config.zero_stage == 3
+                  else contextlib.nullcontext())
         with gather:  # every rank joins the gather under ZeRO-3; rank 0 writes
             if self.rank != 0:
                 return None
-            self.hypernet.config.extra.update({"step": step, **{k: v for k, v in metrics.items()
-                                                                 if k.startswith("val_")}})
             tmp = tempfile.mkdtemp(prefix="p2p-ckpt-")
-            save_hypernet(self.hypernet, os.path.join(tmp, "hypernet"))
+            save_checkpoint(self.hypernet, os.path.join(tmp, "hypernet"), step, metrics)
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"step": step, "best_val_loss": self.best, **metrics}, f)
         return ray.train.Checkpoint.from_directory(tmp)
 
-    def train(self) -> None:
-        from p2p.training import collate, training_batches
-
+    def report(self, record: dict, evaluated: bool) -> None:
+        """Every `log_every` steps and at each evaluation: progress summed over workers, to Ray (with a
+        checkpoint at evaluations)."""
         c = self.config
-        step, t0, seen, loss_sum, loss_n = self.start_step, time.perf_counter(), 0, 0.0, 0
-        eval_seconds = 0.0  # examples/s counts training time only
+        self._loss_sum, self._loss_n = self._loss_sum + record["loss"], self._loss_n + 1
+        if not (evaluated or record["step"] % c.log_every == 0):
+            return
+        totals = self.all_sum({"loss": self._loss_sum, "n": self._loss_n, "seen": record["examples"]})
+        self._loss_sum, self._loss_n = 0.0, 0
+        step = record["step"]
+        metrics = {"step": step, "loss": totals["loss"] / totals["n"], "resumed_from": self.start_step,
+                   "examples_per_s": totals["seen"] / record["train_seconds"], "lr": record["lr"],
+                   "epoch": step * c.batch_size / max(len(self.train_rows), 1),
+                   **{k: v for k, v in record.items() if k.startswith("val_")}}
+        checkpoint = None
+        if evaluated:
+            if metrics.get("val_loss") is not None and metrics["val_loss"] < self.best:
+                self.best = metrics["val_loss"]
+            checkpoint = self.save(step, metrics)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+    def train(self) -> None:
+        c = self.config
+        stepper = DeepSpeedStepper(self.engine)
+        validation = Validation(self.loss, stepper.source, self.val_batches, all_reduce=self._all_val_sums)
+        loop = TrainLoop(self.loss, stepper, c.max_steps, c.eval_every, validation, on_step=self.report)
         batches = training_batches(c, self.train_rows, c.seed + 1000 * self.rank + self.start_step,
                                    self.loop_config["task_counts"])
-        encoded: dict[str, tuple] = {}
-        self.engine.train()
-        while step < c.max_steps:
-            batch = collate(next(batches), self.fmt, c.max_seq_len, encoded).to(self.device)
-            loss, _ = self.lm.loss(self.engine, batch, c)
-            self.engine.backward(loss)
-            self.engine.step()
-            step += 1
-            seen += len(batch.example_ids)
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            is_eval = step % c.eval_every == 0 or step == c.max_steps
-            if not (is_eval or step % c.log_every == 0):
-                continue
-            totals = self.all_sum({"loss": loss_sum, "n": loss_n, "seen": seen})
-            metrics = {"step": step, "loss": totals["loss"] / totals["n"], "resumed_from": self.start_step,
-                       "examples_per_s": totals["seen"] / (time.perf_counter() - t0 - eval_seconds),
-                       "lr": self.engine.get_lr()[0],
-                       "epoch": step * c.batch_size / max(len(self.train_rows), 1)}
-            loss_sum = loss_n = 0
-            ckpt = None
-            if is_eval:
-                t_eval = time.perf_counter()
-                metrics.update(self.evaluate())
-                if metrics.get("val_loss") is not None and metrics["val_loss"] < self.best:
-                    self.best = metrics["val_loss"]
-                ckpt = self.save(step, metrics)
-                eval_seconds += time.perf_counter() - t_eval
-            ray.train.report(metrics, checkpoint=ckpt)
-            if ckpt is not None:
-                shutil.rmtree(ckpt.path, ignore_errors=True)
+        loop.run(collated(batches, self.fmt, c.max_seq_len, self.device), start_step=self.start_step)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -313,18 +320,9 @@ def training_progress(metrics_path: str, max_steps: int, desc: str) -> Iterator[
         bar.close()
 
 
-def attach_embeddings(batch: pa.Table, profiles: ray.ObjectRef, split: str, tasks: list[str] | None) -> pa.Table:
-    """Keep one split's examples and give each its user's embedding (a broadcast join)."""
-    table = _cached_get(profiles)
-    mask = pc.equal(batch.column("split"), split)
-    if tasks:
-        mask = pc.and_(mask, pc.is_in(batch.column("task"), value_set=pa.array(tasks)))
-    batch = batch.filter(mask)
-    index = pc.index_in(batch.column("user_id"), value_set=table.column("user_id"))
-    if index.null_count:
-        missing = batch.column("user_id").filter(pc.is_null(index))[0].as_py()
-        raise P2PError(f"examples: user {missing!r} has no profile (rebuild profiles with `p2p profiles`)")
-    return batch.append_column("embedding", table.column("embedding").take(index))
+def _with_embeddings(batch: pa.Table, profiles: ray.ObjectRef, split: str, tasks: list[str] | None) -> pa.Table:
+    """One block of examples of `split`, each with its user's embedding (the library's join)."""
+    return attach_embeddings(batch, _cached_get(profiles), (split,), tasks)
 
 
 _PROFILES_CACHE: dict = {}
@@ -350,7 +348,7 @@ def training_datasets(data: str, profiles: pa.Table, config: TrainConfig) -> tup
                                      columns=["example_id", "user_id", "task", "input", "target", "split"])
 
     def split(name: str) -> ray.data.Dataset:
-        return examples.map_batches(attach_embeddings, batch_format="pyarrow",
+        return examples.map_batches(_with_embeddings, batch_format="pyarrow",
                                     fn_kwargs={"profiles": ref, "split": name, "tasks": config.tasks})
 
     return split("train"), split("val")
@@ -358,7 +356,6 @@ def training_datasets(data: str, profiles: pa.Table, config: TrainConfig) -> tup
 
 def training_examples(data: str, tasks: list[str] | None) -> pa.Table:
     """(user_id, task) of every training example of `tasks`: what the driver knows before Ray Train starts."""
-    from p2p.data.schemas import read_table
 
     ex = read_table(os.path.join(data, "examples"), "examples").select(["user_id", "split", "task"])
     mask = pc.equal(ex.column("split"), "train")
@@ -379,17 +376,13 @@ def train_input_stats(profiles: pa.Table, examples: pa.Table) -> dict[str, list[
     """Mean and std of the training users' embeddings: the hypernet standardizes its inputs with them."""
     users = pc.unique(examples.column("user_id"))
     rows = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=users))
-    emb = np.asarray(rows.column("embedding").combine_chunks().flatten(), np.float32).reshape(len(rows), -1)
-    return {"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist()}
+    mean, std = embedding_stats(np.asarray(rows.column("embedding").combine_chunks().flatten()).reshape(len(rows), -1))
+    return {"mean": mean.tolist(), "std": std.tolist()}
 
 
 def run_training(config: TrainConfig, data: str, out: str, profiles: str | None = None,
                  log=print) -> dict:
     """Train and write OUT/latest and OUT/best (hypernet checkpoint folders); return a summary."""
-    from p2p.data.schemas import read_table
-    from p2p.personalizer import embedder_id
-    from p2p.profile import ProfileConfig
-    from p2p.training import check_task_weights
 
     examples = training_examples(data, config.tasks)  # a weight naming no task fails before Ray starts
     counts = task_counts(examples)
@@ -398,7 +391,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+        json.dump(config.model_dump(), f, indent=2)
     profiles = profiles or _profiles_for(data, out, config, log)
     table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"])
     expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
@@ -412,7 +405,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     train_ds, val_ds = training_datasets(data, table, config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "embed_dim": embed_dim, "input_stats": stats,
+        train_loop_config={"config": config.model_dump(), "embed_dim": embed_dim, "input_stats": stats,
                            "task_counts": counts},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -453,7 +446,7 @@ def run_training_with_shared(config: TrainConfig, data: str, out: str, log=print
     summary = run_training(config, data, out, log=log)
     profiles = os.path.join(data, "profiles")
     profiles = profiles if os.path.isdir(profiles) else os.path.join(os.path.abspath(out), "profiles")
-    shared = run_training(dataclasses.replace(config, control="shared"), data, os.path.join(out, SHARED_DIR),
+    shared = run_training(config.model_copy(update={"control": "shared"}), data, os.path.join(out, SHARED_DIR),
                           profiles=profiles, log=log)
     return summary, shared
 
@@ -469,7 +462,6 @@ def _profiles_for(data: str, out: str, config: TrainConfig, log) -> str:
     existing = os.path.join(data, "profiles")
     if os.path.isdir(existing):
         return existing
-    from pipelines.ingest import run_profiles
 
     dest = os.path.join(out, "profiles")
     if not os.path.isdir(dest):

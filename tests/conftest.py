@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny():
     """The shared tiny-random model and tokenizer (frozen; tests that wrap it deep-copy it)."""
-    from p2p.models import load_base_model
+    from p2p.model.base import load_base_model
 
     return load_base_model("tiny-random")
 
@@ -80,8 +80,8 @@ def tiny_hypernet(tmp_path_factory):
     """A tiny-random / hashing hypernet checkpoint with perturbed weights (adapters differ per user)."""
     import torch
 
-    from p2p.hypernet import Hypernetwork, make_config, save_hypernet
-    from p2p.models import build_tiny_random
+    from p2p.model.base import build_tiny_random
+    from p2p.model.hypernet import Hypernetwork, make_config, save_hypernet
 
     folder = tmp_path_factory.mktemp("hypernet")
     torch.manual_seed(0)
@@ -91,3 +91,22 @@ def tiny_hypernet(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.05)
     save_hypernet(hypernet, str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Tag-only synthetic users with their profiles written next to them (DATA/profiles)."""
+    import pyarrow.parquet as pq
+    from train_support import TINY
+
+    from p2p.config import TrainConfig
+    from p2p.data.synthetic import write_synthetic
+    from p2p.profile.config import ProfileConfig
+    from p2p.profile.embedder import ProfileEmbedder, build_profiles
+
+    out = str(tmp_path_factory.mktemp("train-data"))
+    write_synthetic(out, 60, seed=11, tasks=("tag",))
+    profiles = build_profiles(out, ProfileEmbedder("hashing", ProfileConfig(**TrainConfig(**TINY).profile_config())))
+    os.makedirs(f"{out}/profiles")
+    pq.write_table(profiles, f"{out}/profiles/part-0.parquet")
+    return out

@@ -24,7 +24,7 @@ import os
 import pyarrow as pa
 
 from p2p.data.schemas import EXAMPLES, SPLITS, USERS, DataError, validate, write_table
-from p2p.tasks import Task, task_for
+from p2p.task.registry import Task, task_for
 
 # Fields a profile item's answer may live in, by preference; `title` is a label only when the
 # item has another text field (LaMP-4/5 headline and title generation), else it is the text.

@@ -7,7 +7,8 @@ row or user named, instead of a stack trace from deep inside pyarrow or torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -17,105 +18,58 @@ import pyarrow.parquet as pq
 from p2p.errors import P2PError
 from p2p.fs import display, filesystem
 
+
+def required(name: str, type_: pa.DataType | None = None) -> pa.Field:
+    """A column every row must fill (string unless said otherwise)."""
+    return pa.field(name, type_ or pa.string(), nullable=False)
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
 # Struct children are declared nullable so files written by any tool (pandas, Spark) cast
 # cleanly; `validate` enforces that item_id, text and ts are present, naming the user.
-HISTORY_ITEM = pa.struct(
-    [
-        pa.field("item_id", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("ts", pa.int64()),
-    ]
-)
-
-USERS = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("history", pa.list_(HISTORY_ITEM), nullable=False),
-        pa.field("updated_at", pa.int64(), nullable=False),
-    ]
-)
-
-EXAMPLES = pa.schema(
-    [
-        pa.field("example_id", pa.string(), nullable=False),
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("input", pa.string(), nullable=False),
-        pa.field("target", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-    ]
-)
-
+HISTORY_ITEM = pa.struct([pa.field("item_id", pa.string()), pa.field("text", pa.string()),
+                          pa.field("label", pa.string()), pa.field("ts", pa.int64())])
+USERS = pa.schema([required("user_id"), required("history", pa.list_(HISTORY_ITEM)),
+                   required("updated_at", pa.int64())])
+EXAMPLES = pa.schema([required(name) for name in ("example_id", "user_id", "task", "input", "target", "split")])
 SPLITS = ("train", "val", "test_id", "test_ood")
-
 # Per example, what a data set knows beyond its target (the synthetic benchmark writes it):
 # the input-only rule's key and answer (null: majority target among training examples of that
 # key) and the answer that knows the hidden persona (the ceiling).
-REFERENCE = pa.schema(
-    [
-        pa.field("example_id", pa.string(), nullable=False),
-        pa.field("rule_key", pa.string()),
-        pa.field("rule", pa.string()),
-        pa.field("ceiling", pa.string()),
-    ]
-)
+REFERENCE = pa.schema([required("example_id"), *(pa.field(name, pa.string()) for name in ("rule_key", "rule", "ceiling"))])
 
 
 def profiles_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("user_id", pa.string(), nullable=False),
-            pa.field("profile_text", pa.string(), nullable=False),
-            pa.field("profile_hash", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-            pa.field("encoder", pa.string(), nullable=False),
-        ]
-    )
-
-
-def manifest_schema(dim: int) -> pa.Schema:
-    """One row per user of a committed run (p2p.store.manifest).
-
-    `adapter_uri` is null for a user stored as an embedding only (embeddings-only mode); `sha256`
-    is then the digest of the embedding and `bytes` is 0.
-    """
-    return pa.schema(
-        [
-            pa.field("user_id", pa.string(), nullable=False),
-            pa.field("adapter_uri", pa.string(), nullable=True),
-            pa.field("profile_hash", pa.string(), nullable=False),
-            pa.field("hypernet_id", pa.string(), nullable=False),
-            pa.field("sha256", pa.string(), nullable=False),
-            pa.field("bytes", pa.int64(), nullable=False),
-            pa.field("created_at", pa.int64(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-        ]
-    )
-
-
-KINDS = ("users", "examples", "profiles", "manifest", "reference")
-_UNIQUE_USER = {"users", "profiles", "manifest"}
+    return pa.schema([*(required(name) for name in ("user_id", "profile_text", "profile_hash")),
+                      required("embedding", embedding_type(dim)), required("encoder")])
 
 
 class DataError(P2PError):
     """Input data that breaks a contract; the message names file, column and row/user."""
 
 
-def expected_schema(kind: str, table: pa.Table | None = None) -> pa.Schema:
-    if kind == "users":
-        return USERS
-    if kind == "examples":
-        return EXAMPLES
-    if kind == "reference":
-        return REFERENCE
-    if kind in ("profiles", "manifest"):
+@dataclass(frozen=True)
+class Contract:
+    """A kind of table: its schema (given the embedding width, where it has one) and its row checks.
+
+    `unique` columns hold each value once, in a file and across a table's files; `checks` run on
+    each file and again on the union (a user in two splits may be split across two files).
+    """
+
+    name: str
+    schema: Callable[[int], pa.Schema]
+    unique: tuple[str, ...] = ()
+    checks: tuple[Callable[[pa.Table, str], None], ...] = ()
+
+    def expected(self, table: pa.Table | None = None) -> pa.Schema:
         dim = 0
         if table is not None and "embedding" in table.column_names:
             t = table.schema.field("embedding").type
             dim = t.list_size if pa.types.is_fixed_size_list(t) else 0
-        return profiles_schema(dim) if kind == "profiles" else manifest_schema(dim)
-    raise ValueError(f"unknown table kind {kind!r}; one of {KINDS}")
+        return self.schema(dim)
 
 
 def _row_name(table: pa.Table, i: int) -> str:
@@ -126,9 +80,11 @@ def _row_name(table: pa.Table, i: int) -> str:
     return f"row {i}"
 
 
-def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
+def validate(table: pa.Table, kind: str | Contract, source: str) -> pa.Table:
     """Check `table` against the contract of `kind`; return it cast to the exact schema."""
-    schema = expected_schema(kind, table)
+    contract = contract_of(kind)
+    schema = contract.expected(table)
+    kind = contract.name
     for field in schema:
         if field.name not in table.column_names:
             raise DataError(
@@ -152,15 +108,15 @@ def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
                 i = pc.index(pc.is_null(col), True).as_py()
                 raise DataError(f"{source}: column {field.name!r} is null at {_row_name(table, i)}")
     table = table.select(schema.names)
-    if kind == "users":
-        _check_history(table, source)
-    if kind in _UNIQUE_USER:
-        _check_unique(table, "user_id", source)
-    if kind in ("examples", "reference"):
-        _check_unique(table, "example_id", source)
-    if kind == "examples":
-        _check_splits(table, source)
+    _check_rows(table, contract, source)
     return table
+
+
+def _check_rows(table: pa.Table, contract: Contract, source: str) -> None:
+    for column in contract.unique:
+        _check_unique(table, column, source)
+    for check in contract.checks:
+        check(table, source)
 
 
 def _check_history(table: pa.Table, source: str) -> None:
@@ -200,6 +156,22 @@ def _check_splits(table: pa.Table, source: str) -> None:
         raise DataError(f"{source}: column 'split': user {user!r} is in two splits {splits}")
 
 
+CONTRACTS = {c.name: c for c in (
+    Contract("users", lambda dim: USERS, ("user_id",), (_check_history,)),
+    Contract("examples", lambda dim: EXAMPLES, ("example_id",), (_check_splits,)),
+    Contract("profiles", profiles_schema, ("user_id",)),
+    Contract("reference", lambda dim: REFERENCE, ("example_id",)),
+)}
+
+
+def contract_of(kind: str | Contract) -> Contract:
+    if isinstance(kind, Contract):
+        return kind
+    if kind not in CONTRACTS:
+        raise ValueError(f"unknown table kind {kind!r}; one of {', '.join(CONTRACTS)}")
+    return CONTRACTS[kind]
+
+
 def parquet_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files behind `uri`: a file, a directory, `file://` or `s3://`."""
     fs, path = filesystem(uri)
@@ -221,7 +193,7 @@ def _read(reader, fs: fsspec.AbstractFileSystem, path: str, name: str):
         raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
 
 
-def check_schemas(uri: str, kind: str) -> list[str]:
+def check_schemas(uri: str, kind: str | Contract) -> list[str]:
     """Check every file's columns and types from its footer alone (no data read); return the files.
 
     Distributed readers unify schemas across files before any user code runs, so a bad file
@@ -232,7 +204,7 @@ def check_schemas(uri: str, kind: str) -> list[str]:
     for path in files:
         name = display(fs, path)
         schema = _read(pq.read_schema, fs, path, name)
-        expected = expected_schema(kind, schema.empty_table())
+        expected = contract_of(kind).expected(schema.empty_table())
         for field in expected:
             if field.name in schema.names and not _compatible(schema.field(field.name).type, field.type):
                 raise DataError(
@@ -258,7 +230,7 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
         return False
 
 
-def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
+def iter_tables(uri: str, kind: str | Contract) -> Iterator[tuple[str, pa.Table]]:
     """Yield (file, validated table) one Parquet file at a time: memory stays bounded."""
     fs, files = parquet_files(uri)
     for path in files:
@@ -266,20 +238,16 @@ def iter_tables(uri: str, kind: str) -> Iterator[tuple[str, pa.Table]]:
         yield name, validate(_read(pq.read_table, fs, path, name), kind, name)
 
 
-def read_table(uri: str, kind: str) -> pa.Table:
+def read_table(uri: str, kind: str | Contract) -> pa.Table:
     """Read and validate a whole table; cross-file contracts are checked on the union."""
     parts = [t for _, t in iter_tables(uri, kind)]
     table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if len(parts) > 1:
-        if kind in _UNIQUE_USER:
-            _check_unique(table, "user_id", uri)
-        if kind == "examples":
-            _check_unique(table, "example_id", uri)
-            _check_splits(table, uri)
+        _check_rows(table, contract_of(kind), uri)
     return table
 
 
-def write_table(table: pa.Table, uri: str, kind: str) -> None:
+def write_table(table: pa.Table, uri: str, kind: str | Contract) -> None:
     """Validate, then write one Parquet file (local path or fsspec URI)."""
     table = validate(table, kind, uri)
     fs, path = filesystem(uri)
@@ -308,3 +276,14 @@ def read_user_id_file(path: str) -> list[str]:
     """
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+
+
+def user_ids_from(ids: str | None, ids_file: str | None, what: str) -> list[str]:
+    """Ids from `--X a,b` and/or `--X-file FILE` (one per line: ids containing commas can be named)."""
+    out = [u for u in (ids or "").split(",") if u]
+    if ids_file:
+        try:
+            out += read_user_id_file(ids_file)
+        except OSError as exc:
+            raise P2PError(f"{what}: cannot read {ids_file}: {exc.strerror}") from None
+    return out

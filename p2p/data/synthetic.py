@@ -10,7 +10,7 @@ them, with noise. Three tasks, shaped like LaMP:
   and pushed to the ends of the scale (2 -> 1, 4 -> 5) by users who rate in extremes.
 - `headline` (LaMP-4/7): a news text -> a headline in the user's style (prefix word, casing,
   closing mark). The style is the personal signal; the metric that sees it is the exact,
-  case-sensitive style match (`p2p.metrics.headline_style`).
+  case-sensitive style match (`p2p.evaluation.metrics.headline_style`).
 
 Out of distribution, per task: each task depends on a few persona attributes (tag: the six
 per-genre choices; rate: strictness and extremity; headline: prefix, casing and ending). For every
@@ -42,21 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from p2p.data.schemas import EXAMPLES, REFERENCE, USERS
+from p2p.task.registry import GENRE_TAGS, GENRES, INSTRUCTIONS
 
 VERSION = 2
 TASKS = ("tag", "rate", "headline")
 
-# genre -> three candidate tags (all 18 distinct). A user picks one per genre.
-GENRE_TAGS: dict[str, tuple[str, str, str]] = {
-    "space": ("scifi", "cosmic", "futuristic"),
-    "crime": ("noir", "heist", "gritty"),
-    "romance": ("romantic", "sentimental", "sweet"),
-    "war": ("historical", "epic", "brutal"),
-    "comedy": ("witty", "silly", "hilarious"),
-    "horror": ("scary", "creepy", "gory"),
-}
-GENRES = tuple(GENRE_TAGS)
-TAGS = tuple(t for tags in GENRE_TAGS.values() for t in tags)
 
 _SUBJECTS = {
     "space": ["a crew of astronauts", "a lone pilot", "a rogue android", "two rival starship captains",
@@ -322,13 +312,6 @@ def styled_headline(persona: Persona, plain: str) -> str:
     return (f"{prefix} {text}" if prefix else text) + HEADLINE_ENDINGS[persona.ending]
 
 
-# The instruction each example's input carries (LaMP's inputs carry theirs too), so a base
-# model and the prompt baseline know what is asked; history items hold the bare text.
-INSTRUCTIONS = {
-    "tag": "Which tag fits this movie? Answer with one of: " + ", ".join(TAGS) + ".\nMovie: {text}",
-    "rate": "Score this review from 1 to 5. Answer with the number only.\nReview: {text}",
-    "headline": "Write a headline for this news text.\nText: {text}",
-}
 
 
 def _noisy(rng: random.Random, p: float) -> bool:

@@ -3,11 +3,10 @@
 Modules, one idea each: `layout` (where things live), `objects` (atomic and conditional object
 I/O), `lease` (one writer at a time), `runs` (the commit protocol), `manifest` (rows, parts, the
 reader's index), `tombstones` (deleted users), `plan` (a refresh's decisions), `deletion`, `gc`,
-`embedded` (embeddings-only rows -> adapters), `adapter_store` (the object the rest of p2p uses).
+`adapter_store` (the object the rest of p2p uses).
 """
 
 from p2p.store.adapter_store import DEFAULT_LEASE_TTL_S, HYPERNET_FILES, MARKER, AdapterStore, digest
-from p2p.store.embedded import adapters_from_rows, files_from_rows
 from p2p.store.errors import (
     AdapterCorrupt,
     AdapterNotFound,
@@ -25,5 +24,5 @@ from p2p.store.tombstones import user_hash
 __all__ = [
     "DEFAULT_LEASE_TTL_S", "HYPERNET_FILES", "MARKER", "MODES", "AdapterCorrupt", "AdapterNotFound", "AdapterStore",
     "Committed", "Lease", "LeaseHeld", "Pending", "StoreDamaged", "StoreError", "StoreUnavailable", "UserDeleted",
-    "adapters_from_rows", "digest", "embedding_digest", "files_from_rows", "new_run_id", "user_hash",
+    "digest", "embedding_digest", "new_run_id", "user_hash",
 ]

@@ -15,7 +15,9 @@ Why reads are shaped this way:
   embedding; each manifest row carries the digest and `read_adapter` checks it on every read, so
   a corrupted object is `AdapterCorrupt`, never a silently wrong adapter. Only JSON, Parquet and
   safetensors are read: no pickle.
-- A row without a folder (embeddings-only mode) is made into an adapter by the hypernet on read.
+- A row without a folder (embeddings-only mode) comes back as its row, embedding included:
+  turning it into an adapter is the hypernet's work (`p2p.personalize.StoredAdapters`), and the
+  store never loads or runs a model.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p2p.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from p2p.model.files import PEFT_FILES
 from p2p.store import layout
+from p2p.store.deletion import delete_users
 from p2p.store.errors import (
     AdapterCorrupt,
     AdapterNotFound,
@@ -74,7 +75,6 @@ class AdapterStore:
         self._index_guard = threading.Lock()
         self._lease: Lease | None = None
         self._implicit_lease = False
-        self._hypernets: dict[str, tuple] = {}  # loaded on demand to read embeddings-only rows
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -117,48 +117,26 @@ class AdapterStore:
 
     # --- hypernets -----------------------------------------------------------------------------------
 
-    def publish_hypernet(self, folder: str) -> str:
-        """Copy a checkpoint folder into the store (verified first); return its hypernet_id."""
-        from p2p.hypernet import load_hypernet
-
-        _, hid = load_hypernet(folder)
+    def publish_hypernet(self, hypernet_id: str, files: dict[str, bytes]) -> None:
+        """Store a checkpoint's files under its id (the caller verified them: p2p.personalize)."""
         for name in HYPERNET_FILES:
-            rel = layout.hypernet_file(hid, name)
+            rel = layout.hypernet_file(hypernet_id, name)
             if not self.objects.exists(rel):
-                with open(os.path.join(folder, name), "rb") as f:
-                    self.objects.write(rel, f.read())
-        return hid
+                self.objects.write(rel, files[name])
 
-    def resolve_hypernet(self, hypernet: str) -> str:
-        """A checkpoint folder (published on the way) or the id of a hypernet already stored."""
-        if os.path.isdir(hypernet):
-            return self.publish_hypernet(hypernet)
-        if hypernet and "/" not in hypernet and self.objects.exists(layout.hypernet_file(hypernet, "config.json")):
-            return hypernet
-        raise StoreError(f"{hypernet!r} is neither a checkpoint folder nor a hypernet in {self.uri} "
-                         f"(stored: {', '.join(self.hypernet_ids()) or 'none'})")
+    def has_hypernet(self, hypernet_id: str) -> bool:
+        return self.objects.exists(layout.hypernet_file(hypernet_id, HYPERNET_FILES[0]))
 
     def hypernet_ids(self) -> list[str]:
         return sorted({rel.split("/")[1] for rel in self.objects.list("hypernets") if rel.count("/") >= 2})
 
-    def load_hypernet(self, hypernet_id: str, device: str = "cpu"):
-        """(Hypernetwork, hypernet_id), its content hash checked against the id it is stored under."""
-        from p2p.hypernet import load_hypernet
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in HYPERNET_FILES:
-                try:
-                    data = self.objects.read(layout.hypernet_file(hypernet_id, name))
-                except FileNotFoundError:
-                    raise StoreError(f"hypernet {hypernet_id} not in {self.uri} "
-                                     f"(stored: {', '.join(self.hypernet_ids()) or 'none'})") from None
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            model, hid = load_hypernet(tmp, device=device)
-        if hid != hypernet_id:
-            raise StoreDamaged(f"hypernet {hypernet_id} in {self.uri} hashes to {hid}: corrupted; publish the "
-                               f"checkpoint again (p2p refresh --hypernet FOLDER)")
-        return model, hid
+    def hypernet_files(self, hypernet_id: str) -> dict[str, bytes]:
+        """A stored checkpoint's files ({name: bytes}), for `p2p.personalize.Personalizer.from_store`."""
+        try:
+            return {name: self.objects.read(layout.hypernet_file(hypernet_id, name)) for name in HYPERNET_FILES}
+        except FileNotFoundError:
+            raise StoreError(f"hypernet {hypernet_id} not in {self.uri} "
+                             f"(stored: {', '.join(self.hypernet_ids()) or 'none'})") from None
 
     # --- writing adapters ----------------------------------------------------------------------------
 
@@ -233,24 +211,20 @@ class AdapterStore:
             row["embedding"] = np.asarray(row["embedding"], np.float32)
         return row
 
-    def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes], dict]:
+    def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes] | None, dict]:
         """One user's PEFT files through the committed manifest (or on-demand record), checked.
 
-        A folder is checked against the row's sha256; an embeddings-only row is generated by the
-        row's hypernet (loaded once per store object), its embedding checked first.
+        A folder is checked against the row's sha256. An embeddings-only row has no files: it
+        comes back as (None, row with its embedding), for the hypernet to turn into an adapter.
         """
         row = self.adapter_row(user_id, hypernet_id)
         if row is None:
             raise self._not_found(user_id, hypernet_id)
         if row["mode"] == "embeddings":
-            from p2p.store.embedded import files_from_rows
-
             row["embedding"] = self._embedding_of(row, self._index)
-            hypernet, hid = self._hypernet(row["hypernet_id"])
-            [files] = files_from_rows(hypernet, hid, [row])
-            return files, {k: v for k, v in row.items() if k != "embedding"}
+            return None, row
         try:
-            files = {name: self.objects.read(f"{row['adapter_uri']}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            files = {name: self.objects.read(f"{row['adapter_uri']}/{name}") for name in PEFT_FILES}
         except FileNotFoundError as exc:
             if self.tombstones.is_deleted(user_id):
                 raise UserDeleted(f"user {user_id!r} was deleted from {self.uri}") from None
@@ -261,15 +235,6 @@ class AdapterStore:
                                  f"check (manifest {row['sha256'][:12]}..., files {digest(files)[:12]}...): corrupted; "
                                  f"`p2p refresh --full` rewrites it")
         return files, row
-
-    def fetch_adapter(self, user_id: str, local_dir: str, hypernet_id: str | None = None) -> dict:
-        """Copy one user's checked PEFT folder to `local_dir` (for `PeftModel.from_pretrained`)."""
-        files, row = self.read_adapter(user_id, hypernet_id)
-        os.makedirs(local_dir, exist_ok=True)
-        for name, data in files.items():
-            with open(os.path.join(local_dir, name), "wb") as f:
-                f.write(data)
-        return row
 
     def embedding(self, user_id: str, hypernet_id: str | None = None) -> np.ndarray | None:
         """A user's stored embedding: enough to regenerate the adapter without the history."""
@@ -352,8 +317,6 @@ class AdapterStore:
 
     def delete_users(self, user_ids: list[str], wait_s: float = 60.0) -> int:
         """Delete users completely (see p2p.store.deletion); returns the committed rows removed."""
-        from p2p.store.deletion import delete_users
-
         try:
             report = delete_users(self, user_ids, self._held_lease("delete-users", wait_s))
         finally:
@@ -401,11 +364,6 @@ class AdapterStore:
             return np.asarray(json.loads(self.objects.read(f"{row['adapter_uri']}/{MARKER}"))["embedding"], np.float32)
         except (FileNotFoundError, ValueError, KeyError):
             raise AdapterCorrupt(f"the embedding of user {row['user_id']!r} is missing from {self.uri}") from None
-
-    def _hypernet(self, hypernet_id: str):
-        if hypernet_id not in self._hypernets:
-            self._hypernets[hypernet_id] = self.load_hypernet(hypernet_id)
-        return self._hypernets[hypernet_id]
 
     def _not_found(self, user_id: str, hypernet_id: str | None) -> AdapterNotFound:
         if user_id and self.tombstones.is_deleted(user_id):

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p2p.errors import P2PError
 from p2p.store import layout
 from p2p.store.lease import Lease
 from p2p.store.manifest import encode
 from p2p.store.runs import Committed, new_run_id
-from p2p.userkey import user_key
+from p2p.userkey import is_user_id
 
 
 @dataclass
@@ -52,7 +51,7 @@ class DeletionReport:
 
 def delete_users(store, user_ids: list[str], lease: Lease) -> DeletionReport:
     """Delete `user_ids` from `store` (an AdapterStore) while holding its `lease`."""
-    ids = sorted({u for u in user_ids if _keyable(u)})
+    ids = sorted({u for u in user_ids if is_user_id(u)})
     report = DeletionReport(users=len(ids))
     if not ids:
         return report
@@ -71,14 +70,6 @@ def delete_users(store, user_ids: list[str], lease: Lease) -> DeletionReport:
         _recommit(store, hid, removed, lease, report)
     store._index = None
     return report
-
-
-def _keyable(user_id: str) -> bool:
-    try:
-        user_key(user_id)
-        return True
-    except P2PError:
-        return False
 
 
 def _rewrite_parts(store, ids: list[str]) -> dict[str, int]:

@@ -17,13 +17,14 @@ two-hex-digit shard spreads keys, since S3 limits request rates per prefix.
 
 from __future__ import annotations
 
+from p2p.model.files import CHECKPOINT_FILES
 from p2p.userkey import shard_of, user_key
 
 LEASE = "LEASE"
 DEFAULT_CURRENT = "manifests/CURRENT"
 TOMBSTONES = "tombstones"
 MARKER = "p2p.json"
-HYPERNET_FILES = ("config.json", "model.safetensors")
+HYPERNET_FILES = CHECKPOINT_FILES  # a hypernet is stored as its checkpoint folder
 
 
 def hypernet_file(hypernet_id: str, name: str) -> str:

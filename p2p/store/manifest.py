@@ -18,13 +18,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from p2p.data.schemas import manifest_schema, validate
+from p2p.data.schemas import Contract, embedding_type, required, validate
 from p2p.store import layout
-from p2p.store.errors import StoreDamaged
+from p2p.store.errors import AdapterCorrupt, StoreDamaged, StoreError
 from p2p.store.objects import ObjectStore
 from p2p.store.runs import Committed
 
 ROW_COLUMNS = ["user_id", "adapter_uri", "profile_hash", "hypernet_id", "sha256", "bytes", "created_at"]
+
+
+def manifest_schema(dim: int) -> pa.Schema:
+    """One row per user of a committed run.
+
+    `adapter_uri` is null for a user stored as an embedding only (embeddings-only mode); `sha256`
+    is then the digest of the embedding and `bytes` is 0.
+    """
+    return pa.schema([required("user_id"), pa.field("adapter_uri", pa.string()),
+                      *(required(name) for name in ("profile_hash", "hypernet_id", "sha256")),
+                      required("bytes", pa.int64()), required("created_at", pa.int64()),
+                      required("embedding", embedding_type(dim))])
+
+
+MANIFEST = Contract("manifest", manifest_schema, ("user_id",))
 
 
 def embedding_digest(embedding) -> str:
@@ -50,6 +65,27 @@ def row_mode(row: dict) -> str:
     return "adapters" if row.get("adapter_uri") else "embeddings"
 
 
+def check_embedding_rows(rows: list[dict], hypernet_id: str, dim: int) -> np.ndarray:
+    """The rows' embeddings as one (n, dim) float32 matrix, each checked against its row."""
+    matrix = np.zeros((len(rows), dim), np.float32)
+    for i, row in enumerate(rows):
+        uid = row.get("user_id")
+        if row.get("hypernet_id") != hypernet_id:
+            raise StoreError(f"user {uid!r}: row made for hypernet {row.get('hypernet_id')}, not {hypernet_id}; "
+                             f"load that hypernet, or refresh the store for this one")
+        emb = row.get("embedding")
+        if emb is None:
+            raise StoreError(f"user {uid!r}: row has no embedding (read it with adapter_row(..., embedding=True))")
+        emb = np.asarray(emb, np.float32).reshape(-1)
+        if emb.shape[0] != dim:
+            raise AdapterCorrupt(f"user {uid!r}: embedding has {emb.shape[0]} values, hypernet expects {dim}")
+        if row.get("adapter_uri") is None and embedding_digest(emb) != row.get("sha256"):
+            raise AdapterCorrupt(f"user {uid!r}: embedding fails its sha256 check (manifest "
+                                 f"{str(row.get('sha256'))[:12]}..., stored {embedding_digest(emb)[:12]}...): corrupted")
+        matrix[i] = emb
+    return matrix
+
+
 class Manifests:
     """Reads and writes manifest parts (Parquet) through the object layer."""
 
@@ -61,7 +97,7 @@ class Manifests:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=manifest_schema(dim))
         if len(table) == 0:
             return None
-        table = validate(table, "manifest", "manifest part")
+        table = validate(table, MANIFEST, "manifest part")
         rel = f"{layout.run_dir(hypernet_id, run_id)}/part-{uuid.uuid4().hex}.parquet"
         self.objects.write(rel, encode(table))
         return rel

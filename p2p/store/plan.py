@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from p2p.data.schemas import DataError, manifest_schema, parquet_files
+from p2p.data.schemas import DataError, parquet_files
 from p2p.errors import P2PError
 from p2p.fs import display
+from p2p.store.manifest import manifest_schema
 from p2p.store.tombstones import user_hash
 
 # unchanged: the committed row stays.  resumed: a row a dead run of this refresh finished is reused.

@@ -1,13 +1,13 @@
 """The HTTP API of one replica: OpenAI's endpoints, p2p's user endpoints, health.
 
-Built per replica (`P2PServer.__serve_build_asgi_app__`) so its keys and limits are that
+Built per replica (`P2PServer.__serve_build_asgi_app__`, pipelines/serve/deployment.py) so its keys and limits are that
 deployment's. `Guard` (pipelines/serve/auth.py) sits in front of the routes: a request without
 the right key, or announcing a body over the limit, is refused before its body is read.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime.
 """
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import FastAPI, Path, Request, Security
 from fastapi.security import HTTPBearer
@@ -16,11 +16,9 @@ from pydantic import AfterValidator, BaseModel
 from pipelines.serve import errors
 from pipelines.serve.auth import ADMIN_ENV, SERVICE_ENV, Guard
 from pipelines.serve.errors import SafeJSONResponse
+from pipelines.serve.replica import Replica
 from pipelines.serve.schemas import AdapterRequest, ChatRequest, CompletionRequest, check_utf8
 from pipelines.serve.users import MULTIPLEX_HEADER
-
-if TYPE_CHECKING:
-    from pipelines.serve.deployment import P2PServer
 
 DESCRIPTION = f"""Personalized completions: one LoRA adapter per user, made by a hypernetwork.
 
@@ -48,7 +46,7 @@ USER_ERRORS = {**ERRORS, 409: {"model": ErrorBody, "description": "the user alre
 UserId = Annotated[str, Path(min_length=1, max_length=512), AfterValidator(check_utf8)]
 
 
-def build_api(server: "P2PServer") -> FastAPI:
+def build_api(server: Replica) -> FastAPI:
     app = FastAPI(title="p2p", description=DESCRIPTION, default_response_class=SafeJSONResponse)
     app.add_middleware(Guard, keys=server.keys, max_body_bytes=server.limits.max_body_bytes)
     errors.install(app)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from p2p.engine import Engine, EngineClosed, Job
-from p2p.lora import UserAdapter
-from p2p.models import chat_prompt
-from p2p.sampling import SEED_MAX, SamplingParams
+from p2p.generation.engine import Engine, EngineClosed, Job
+from p2p.generation.sampling import SEED_MAX, SamplingParams
+from p2p.model.lora import UserAdapter
+from p2p.task.prompt import chat_prompt
 from pipelines.serve.errors import APIError
 from pipelines.serve.responses import Choice, Responder, sse
 from pipelines.serve.schemas import ChatRequest, CompletionRequest, Limits, Sampling

@@ -15,8 +15,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from p2p.engine import Delta
-from p2p.sampling import TokenChoice
+from p2p.generation.engine import Delta
+from p2p.generation.sampling import TokenChoice
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from p2p.errors import P2PError
-from p2p.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from p2p.generation.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP, MAX_STOP_CHARS = 4, 256

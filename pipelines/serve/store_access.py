@@ -4,8 +4,8 @@ The server needs three outcomes from a read: the user has no adapter (serve the 
 404; a deleted user is one), the adapter is there but broken (serve the base model and say so:
 one bad object must not take a user offline), or the store is unreachable (503, the replica
 stays up). `classify` maps the store's typed errors onto those. An embeddings-only row is turned
-into an adapter by the store's read (one hypernet pass, the row's hypernet id checked). Each
-method blocks: callers run it with `asyncio.to_thread`.
+into an adapter by `StoredAdapters` (one hypernet pass, the row's hypernet id and digest checked).
+Each method blocks: callers run it with `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2p.errors import P2PError
-from p2p.lora import UserAdapter, adapter_from_files
+from p2p.model.lora import UserAdapter
+from p2p.model.peft_format import adapter_from_files
+from p2p.personalize import Personalizer, StoredAdapters
 from p2p.store import AdapterNotFound, AdapterStore, StoreError, StoreUnavailable
 
 NOT_FOUND, BROKEN, UNAVAILABLE = "not found", "broken", "unavailable"
@@ -46,6 +48,7 @@ def classify(exc: StoreError) -> str:
 class StoreAccess:
     def __init__(self, uri: str, hypernet_id: str | None = None):
         self.store = AdapterStore(uri)
+        self.adapters = StoredAdapters(self.store)
         self.uri = uri
         self.hypernet_id = hypernet_id or self._default_hypernet()
 
@@ -58,14 +61,14 @@ class StoreAccess:
             return ids[0]
         raise P2PError(f"{self.uri}: no committed manifest; pass --hypernet (stored: {', '.join(ids) or 'none'})")
 
-    def load_hypernet(self):
-        hypernet, _ = self._call(self.store.load_hypernet, self.hypernet_id)
-        return hypernet
+    def personalizer(self) -> Personalizer:
+        """The served hypernet (loaded once; its encoder only when a history is first embedded)."""
+        return self._call(self.adapters.personalizer, self.hypernet_id)
 
     def load(self, user_id: str) -> Loaded:
         """The user's adapter; a missing one is `Loaded()`, a broken one `Loaded(error=...)`."""
         try:
-            files, row = self.store.read_adapter(user_id, self.hypernet_id)
+            files, row = self.adapters.read(user_id, self.hypernet_id)
             adapter, _ = adapter_from_files(files)
             return Loaded(adapter, row)
         except StoreError as exc:

@@ -1,0 +1,300 @@
+"""The hypernetwork: a user's profile embedding -> a full set of LoRA adapters in one pass.
+
+For every target (layer l, module m) the trunk reads
+    concat(LN(Linear(z_user)), LN(E_depth[l]), LN(E_module[m]))
+and one head per module type emits that target's A [r, in] and B [out, r]. All users times all
+targets go through the trunk as one batch.
+
+Two choices decide whether the user pathway learns at all:
+- `z_user` is the embedding standardized with the training users' per-dimension mean and std
+  (buffers saved with the checkpoint). Profile embeddings of one encoder are close to each other
+  (cosine ~0.9); without centering, LN(Linear(e)) is dominated by what all users share.
+- Each head is `bias + output_scale * (W h)`. The bias starts at PEFT's LoRA init (A
+  Kaiming-uniform, B zero) and W at small random values (`head_init_std`), so adapters start at
+  dW ~ 0 while the gradient into the trunk and the user projection is non-zero from step 0 (with
+  W = 0 it is exactly zero and the bias alone learns one adapter for everyone). Adam moves each
+  weight by ~lr per step, so `W h` would move by ~lr x fan-in; the fixed `output_scale`
+  (1/sqrt(head_in) by default) keeps the generated values' steps near the bias's, so one learning
+  rate suits the whole network.
+Checkpoints written before these options load with their old behaviour (no standardization,
+zero-initialised heads, scale 1): the defaults of the dataclass are that behaviour, and
+`make_config` turns the new one on.
+
+The first trunk layer acts on a concatenation, so it is computed as the sum of three smaller
+products (user part per user, target part per target) and broadcast: same function, far fewer
+FLOPs than materialising [users x targets, 3 x latent].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+from torch import nn
+
+from p2p.errors import P2PError
+from p2p.fs import read_local_files
+from p2p.model.files import CHECKPOINT_CONFIG as CONFIG_FILE
+from p2p.model.files import CHECKPOINT_FILES
+from p2p.model.files import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
+from p2p.model.lora import AdapterBatch, UserAdapter, find_targets, split_users
+
+PRESETS = {
+    # CPU default: a few million parameters, ~ms per user.
+    "small": dict(latent=128, trunk_width=512, trunk_depth=2, head_in=256),
+    # The paper's sizes (arXiv:2510.16282): latent 1024, trunk 4096, head input 2048.
+    "paper": dict(latent=1024, trunk_width=4096, trunk_depth=2, head_in=2048),
+}
+
+
+@dataclass
+class HypernetConfig:
+    """Everything needed to rebuild the hypernetwork and to apply what it generates."""
+
+    base_model: str
+    encoder: str
+    embed_dim: int
+    num_layers: int
+    layers: list[int]  # layers that carry adapters (all, or the top K)
+    target_modules: list[str]  # e.g. ["q_proj", "v_proj"]
+    shapes: dict[str, list[int]]  # module name -> [in_features, out_features]
+    module_paths: dict[str, str]  # module name -> path template, e.g. "model.layers.{layer}.self_attn.q_proj"
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False  # training scale alpha/sqrt(r) if true, else alpha/r
+    fan_in_fan_out: bool = False  # GPT-2 style Conv1D targets
+    latent: int = 128
+    trunk_width: int = 512
+    trunk_depth: int = 2
+    head_in: int = 256
+    dropout: float = 0.0
+    standardize: bool = False  # standardize embeddings with the training users' mean and std (buffers)
+    head_init_std: float = 0.0  # std of the heads' initial weights (0: zero heads, no gradient to the trunk)
+    head_output_scale: float = 1.0  # heads emit bias + scale * (W h)
+    seed: int = 0
+    profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
+    extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HypernetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"hypernet_id"})
+        if unknown:
+            raise P2PError(f"hypernet config: unknown field(s) {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def target_shapes(model: nn.Module, target_modules: list[str]) -> tuple[int, dict[str, list[int]], bool, dict]:
+    """(layer count, {module: [in, out]}, fan_in_fan_out, {module: path template}) of an HF causal LM."""
+    found = find_targets(model, target_modules)
+    if not found:
+        raise P2PError(f"no modules named {target_modules} in {type(model).__name__}")
+    shapes: dict[str, list[int]] = {}
+    templates: dict[str, str] = {}
+    fan_in_fan_out = False
+    for t in found:
+        templates.setdefault(t.module, t.path.replace(f".{t.layer}.", ".{layer}.", 1))
+        shape = [t.in_features, t.out_features]
+        if shapes.setdefault(t.module, shape) != shape:
+            raise P2PError(f"module {t.module} has different shapes across layers; not supported")
+        fan_in_fan_out |= t.conv1d
+    missing = [m for m in target_modules if m not in shapes]
+    if missing:
+        raise P2PError(f"target module(s) {missing} not found; the model has e.g. {sorted(shapes)}")
+    num_layers = max(t.layer for t in found) + 1
+    return num_layers, shapes, fan_in_fan_out, templates
+
+
+def adapter_paths(config: HypernetConfig) -> dict[tuple[int, str], str]:
+    """(layer, module) -> the module's full path in the base model, for PEFT key names."""
+    return {
+        (layer, m): config.module_paths[m].format(layer=layer) for layer in config.layers for m in config.target_modules
+    }
+
+
+def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int, preset: str = "small",
+                rank: int = 8, alpha: float | None = None, target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+                top_k_layers: int | None = None, seed: int = 0, **overrides) -> HypernetConfig:
+    """A new hypernet's config: the preset's sizes, standardized inputs, small random heads."""
+    if preset not in PRESETS:
+        raise P2PError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    num_layers, shapes, fan, templates = target_shapes(model, list(target_modules))
+    layers = list(range(num_layers))
+    if top_k_layers:
+        if not 0 < top_k_layers <= num_layers:
+            raise P2PError(f"top_k_layers must be in 1..{num_layers}, got {top_k_layers}")
+        layers = layers[num_layers - top_k_layers :]
+    sizes = {**PRESETS[preset], **overrides}
+    sizes.setdefault("standardize", True)
+    sizes.setdefault("head_init_std", 1e-5)
+    sizes.setdefault("head_output_scale", sizes["head_in"] ** -0.5)
+    return HypernetConfig(
+        base_model=base_model, encoder=encoder, embed_dim=embed_dim, num_layers=num_layers, layers=layers,
+        target_modules=list(target_modules), shapes=shapes, module_paths=templates, rank=rank,
+        alpha=float(alpha if alpha is not None else 2 * rank), fan_in_fan_out=fan, seed=seed,
+        extra={"preset": preset}, **sizes,
+    )
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class Hypernetwork(nn.Module):
+    def __init__(self, config: HypernetConfig):
+        super().__init__()
+        self.config = c = config
+        self.user_proj = nn.Linear(c.embed_dim, c.latent)
+        self.user_norm = nn.LayerNorm(c.latent)
+        self.depth_embed = nn.Embedding(c.num_layers, c.latent)
+        self.depth_norm = nn.LayerNorm(c.latent)
+        self.module_embed = nn.Embedding(len(c.target_modules), c.latent)
+        self.module_norm = nn.LayerNorm(c.latent)
+        # The first trunk layer on concat(user, depth, module), split by input block.
+        self.in_user = nn.Linear(c.latent, c.trunk_width)
+        self.in_target = nn.Linear(2 * c.latent, c.trunk_width, bias=False)
+        self.blocks = nn.ModuleList(ResidualBlock(c.trunk_width, c.dropout) for _ in range(c.trunk_depth))
+        self.out_norm = nn.LayerNorm(c.trunk_width)
+        self.out = nn.Linear(c.trunk_width, c.head_in)
+        self.heads = nn.ModuleDict(
+            {m: nn.Linear(c.head_in, c.rank * (i + o)) for m, (i, o) in c.shapes.items()}
+        )
+        self.register_buffer("layer_ids", torch.tensor(c.layers, dtype=torch.long), persistent=False)
+        if c.standardize:
+            self.register_buffer("input_mean", torch.zeros(c.embed_dim))
+            self.register_buffer("input_std", torch.ones(c.embed_dim))
+        self.reset_heads()
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Bias = PEFT's LoRA init (A Kaiming-uniform, B zero); weights ~ N(0, head_init_std^2)."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        for name, head in self.heads.items():
+            fan_in, fan_out = self.config.shapes[name]
+            a = torch.empty(self.config.rank, fan_in)
+            # nn.init.kaiming_uniform_(a, a=sqrt(5)) as peft does, with our own generator.
+            bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))
+            a.uniform_(-bound, bound, generator=gen)
+            head.weight.zero_()
+            if self.config.head_init_std > 0:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * self.config.head_init_std)
+            head.bias.copy_(torch.cat([a.flatten(), torch.zeros(fan_out * self.config.rank)]))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean, std) -> None:
+        """Standardize inputs with the training users' per-dimension embedding mean and std."""
+        if not self.config.standardize:
+            return
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-4))
+
+    def shared_embedding(self) -> torch.Tensor:
+        """The embedding of 'no user': the training mean (all zeros once standardized)."""
+        if self.config.standardize:
+            return self.input_mean.detach().clone()
+        return torch.zeros(self.config.embed_dim)
+
+    @torch.no_grad()
+    def user_adapters(self, embeddings: np.ndarray | torch.Tensor) -> list[UserAdapter]:
+        """One adapter (module path -> (A, B)) per embedding row, from one batched pass."""
+        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        return split_users(self(emb), self.config.layers, adapter_paths(self.config))
+
+    def forward(self, embeddings: torch.Tensor) -> AdapterBatch:
+        """[U, embed_dim] -> {module: (A [U, L, r, in], B [U, L, out, r])} for the configured layers."""
+        c = self.config
+        if embeddings.ndim != 2 or embeddings.shape[1] != c.embed_dim:
+            raise ValueError(f"embeddings must be [users, {c.embed_dim}], got {tuple(embeddings.shape)}")
+        n_users, n_layers, n_mod = embeddings.shape[0], len(c.layers), len(c.target_modules)
+        weight = self.user_proj.weight
+        embeddings = embeddings.to(device=weight.device, dtype=torch.float32)
+        if c.standardize:
+            embeddings = (embeddings - self.input_mean) / self.input_std
+        # Mixed precision (DeepSpeed bf16/fp16 casts the module): inputs follow the weights' dtype.
+        user = self.user_norm(self.user_proj(embeddings.to(weight.dtype)))  # [U, latent]
+        depth = self.depth_norm(self.depth_embed(self.layer_ids))  # [L, latent]
+        module = self.module_norm(self.module_embed.weight)  # [M, latent]
+        target = torch.cat(
+            [depth[None, :, :].expand(n_mod, -1, -1), module[:, None, :].expand(-1, n_layers, -1)], dim=-1
+        )  # [M, L, 2 latent]
+        h = self.in_user(user)[:, None, None, :] + self.in_target(target)[None]  # [U, M, L, width]
+        h = h.reshape(n_users * n_mod * n_layers, c.trunk_width)
+        for block in self.blocks:
+            h = block(h)
+        h = self.out(self.out_norm(h)).reshape(n_users, n_mod, n_layers, c.head_in)
+        out = {}
+        for j, name in enumerate(c.target_modules):
+            fan_in, fan_out = c.shapes[name]
+            head = self.heads[name]
+            flat = head.bias + F.linear(h[:, j], head.weight) * c.head_output_scale  # [U, L, r (in + out)]
+            a = flat[..., : c.rank * fan_in].reshape(n_users, n_layers, c.rank, fan_in)
+            b = flat[..., c.rank * fan_in :].reshape(n_users, n_layers, fan_out, c.rank)
+            out[name] = (a, b)
+        return out
+
+
+# --- checkpoint: DIR/config.json + DIR/model.safetensors, identified by a content hash -----------
+
+
+
+def _content_hash(config: HypernetConfig, weights: bytes) -> str:
+    h = hashlib.sha256(config.to_json().encode())
+    h.update(weights)
+    return h.hexdigest()[:16]
+
+
+def save_hypernet(model: Hypernetwork, folder: str) -> str:
+    """Write the checkpoint and return its `hypernet_id` (sha256 of config + weights)."""
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = save(state, metadata={"format": "pt"})
+    hypernet_id = _content_hash(model.config, weights)
+    with open(os.path.join(folder, WEIGHTS_FILE), "wb") as f:
+        f.write(weights)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        f.write(json.dumps({**asdict(model.config), "hypernet_id": hypernet_id}, sort_keys=True, indent=2))
+    return hypernet_id
+
+
+def checkpoint_files(folder: str) -> dict[str, bytes]:
+    """A checkpoint folder's files, as the store keeps them."""
+    return read_local_files(folder, CHECKPOINT_FILES, "a hypernet checkpoint")
+
+
+def load_hypernet_files(files: dict[str, bytes], source: str, device: str = "cpu") -> tuple[Hypernetwork, str]:
+    """A checkpoint from its files (JSON + safetensors only, no pickle), its content hash verified."""
+    data = json.loads(files[CONFIG_FILE])
+    config = HypernetConfig.from_dict(data)
+    hypernet_id = _content_hash(config, files[WEIGHTS_FILE])
+    if data.get("hypernet_id") not in (None, hypernet_id):
+        raise P2PError(f"{source}: content hash {hypernet_id} != recorded {data['hypernet_id']}; files corrupted?")
+    model = Hypernetwork(config)
+    model.load_state_dict({k: v.to(device) for k, v in load(files[WEIGHTS_FILE]).items()})
+    return model.eval(), hypernet_id
+
+
+def load_hypernet(folder: str, device: str = "cpu") -> tuple[Hypernetwork, str]:
+    """Read a checkpoint folder; verify its content hash."""
+    return load_hypernet_files(checkpoint_files(folder), folder, device)

@@ -1,0 +1,14 @@
+"""What the training tests share: the tiny config, its embedding width, and rows of a data directory."""
+
+from p2p.data.schemas import read_table
+from p2p.train.examples import example_rows
+
+TINY = dict(base="tiny-random", encoder="hashing", batch_size=8, lr=1e-3, warmup_steps=3, log_every=5,
+            val_examples=16, max_failures=0, profile_features=16)
+DIM = 384 + 16  # hashing encoder + label statistics
+
+
+def local_rows(data):
+    profiles = read_table(f"{data}/profiles", "profiles")
+    return (example_rows(data, profiles, ("train",)),
+            example_rows(data, profiles, ("val",)))
