@@ -78,7 +78,9 @@ class TrainConfig(StrictConfig):
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     l2_adapter: float = 0.0  # penalty on the mean square of generated A and B
     seed: int = 0  # initialisation and data order
-    control: str = "none"  # "shared": every user gets the same embedding (the non-personalized control)
+    # "shared": every user gets the same embedding (the non-personalized control); "retrieval": the
+    # same, with the user's profile text in every prompt (the control a team would build instead).
+    control: str = "none"
     # --- schedule and distribution ---------------------------------------------------------------
     eval_every: Positive = 50  # steps between val loss, progress line and checkpoint
     log_every: Positive = 10  # steps between progress lines without evaluation
@@ -93,7 +95,7 @@ class TrainConfig(StrictConfig):
     @field_validator("control")
     @classmethod
     def _control(cls, v: str) -> str:
-        return _one_of(v, ("none", "shared"))
+        return _one_of(v, ("none", "shared", "retrieval"))
 
     @field_validator("preset")
     @classmethod

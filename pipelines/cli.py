@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--with-shared", action="store_true",
                    help="also train the non-personalized control (same config and budget) into OUT/shared")
+    p.add_argument("--with-retrieval", action="store_true",
+                   help="also train the retrieval control (one adapter, the user's profile text in every prompt; "
+                        "same config and steps) into OUT/retrieval")
 
     p = sub.add_parser("refresh", help="Ray Data: new/changed users -> adapters in the store, manifest committed last")
     p.add_argument("--config", default=None, help="YAML refresh config (see jobs/configs/refresh-*.yaml)")
@@ -141,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--split", default="test_id,test_ood", help="held-out splits to score")
+    p.add_argument("--decoding", default="free", metavar="free,labels",
+                   help="free: greedy decoding; labels: the most likely label of a classification or rating task's "
+                        "list (reported as METHOD+labels); both: free,labels")
     p.add_argument("--methods", default="base,prompt,rule,shared,shuffled,oppu,p2p",
-                   help="any of base, prompt, rule, shared, shuffled, oppu, p2p")
+                   help="any of base, prompt, rule, shared, retrieval, shuffled, oppu, p2p")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     p.add_argument("--users-per-split", type=int, default=None, help="sample this many users per split")
     p.add_argument("--scoring", default="official", choices=["official", "lenient"],
                    help="official: LaMP's eval/evaluation.py; lenient: the forgiving variant, labelled as such")
     p.add_argument("--shared", default=None, help="the shared control's run or checkpoint (default RUN/shared)")
+    p.add_argument("--retrieval", default=None,
+                   help="the retrieval control's run or checkpoint (default RUN/retrieval)")
     p.add_argument("--exclude-users", default=None, metavar="FILE",
                    help="never score the user ids in FILE (one per line): the users a recipe was chosen on")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap samples per 95%% interval")

@@ -44,7 +44,7 @@ from p2p.profile.embedder import embedder_id
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
-from p2p.train.examples import as_shared_control, attach_embeddings, embedding_stats
+from p2p.train.examples import as_control, attach_embeddings, embedding_stats
 from p2p.train.loop import TrainLoop, Validation, new_hypernet, optimizer_for, save_checkpoint
 from p2p.train.step import AdapterLoss, val_rows_sample
 from pipelines.ingest import run_profiles
@@ -174,9 +174,7 @@ class HypernetTrainRecipe:
         rows: list[dict] = []
         for b in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
             rows.extend(_rows(b))
-        if self.config.control == "shared":  # the non-personalized control: one embedding for everyone
-            rows = as_shared_control(rows, self.hypernet.shared_embedding().numpy())
-        return rows
+        return as_control(rows, self.config.control, self.hypernet.shared_embedding().numpy())
 
     def _setup_data(self) -> None:
         c = self.config
@@ -399,7 +397,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     if made_by != expected:
         raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
                        f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
-    table = table.select(["user_id", "embedding"])
+    table = table.select(["user_id", "embedding"] + (["profile_text"] if config.control == "retrieval" else []))
     embed_dim = table.schema.field("embedding").type.list_size
     stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)
@@ -420,7 +418,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
     t0 = time.perf_counter()
-    desc = "train shared control" if config.control == "shared" else "train"
+    desc = "train" if config.control == "none" else f"train {config.control} control"
     with user_errors(), training_progress(os.path.join(out, "metrics.jsonl"), config.max_steps, desc):
         result = trainer.fit()
     if result.checkpoint is None:
@@ -437,18 +435,28 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     return summary
 
 
-SHARED_DIR = "shared"
+# Room the retrieval control's prompts need for the profile text (900 characters, ~250 tokens).
+RETRIEVAL_EXTRA_TOKENS = 320
 
 
-def run_training_with_shared(config: TrainConfig, data: str, out: str, log=print) -> tuple[dict, dict]:
-    """P2P into OUT, then the `shared` control (same config, same budget, one embedding for all) into
-    OUT/shared, where `p2p eval` finds it. Both use the same profiles."""
-    summary = run_training(config, data, out, log=log)
+def run_training_with_controls(config: TrainConfig, data: str, out: str, controls: tuple[str, ...],
+                               log=print) -> list[dict]:
+    """P2P into OUT, then each control (same config, same steps; one embedding for all) into
+    OUT/<control>, where `p2p eval` finds it. All use the same profiles.
+
+    `shared` reads no profile; `retrieval` reads the profile text in every prompt (its sequences
+    are longer by RETRIEVAL_EXTRA_TOKENS so the profile fits).
+    """
+    summaries = [run_training(config, data, out, log=log)]
     profiles = os.path.join(data, "profiles")
     profiles = profiles if os.path.isdir(profiles) else os.path.join(os.path.abspath(out), "profiles")
-    shared = run_training(config.model_copy(update={"control": "shared"}), data, os.path.join(out, SHARED_DIR),
-                          profiles=profiles, log=log)
-    return summary, shared
+    for control in controls:
+        update = {"control": control}
+        if control == "retrieval":
+            update["max_seq_len"] = config.max_seq_len + RETRIEVAL_EXTRA_TOKENS
+        summaries.append(run_training(config.model_copy(update=update), data, os.path.join(out, control),
+                                      profiles=profiles, log=log))
+    return summaries
 
 
 def _export(checkpoint: ray.train.Checkpoint, dest: str) -> None:

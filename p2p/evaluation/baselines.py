@@ -35,13 +35,14 @@ import numpy as np
 import torch
 
 from p2p.generation.decoding import decode
+from p2p.generation.label_choice import LabelChooser
 from p2p.model.adapted import AdaptedModel
 from p2p.model.lora import UserAdapter, split_users, stack_users
 from p2p.model.peft_format import peft_files
 from p2p.personalize import Personalizer
 from p2p.profile.config import ProfileConfig
 from p2p.profile.text import build_profile
-from p2p.task.prompt import PromptFormat
+from p2p.task.prompt import PromptFormat, profile_context
 from p2p.task.registry import CLASSIFICATION, RATING, Task
 from p2p.train.batching import collated, epochs
 from p2p.train.loop import LossPlateau, TorchStepper, TrainLoop
@@ -55,16 +56,33 @@ class Cost:
     personalize_seconds_per_user: float = 0.0
     bytes_per_user: int = 0
     seconds_per_answer: float = 0.0
+    prompt_tokens_per_answer: float = 0.0
     users: int = 0
     answers: int = 0
 
 
-class Answerer:
-    """Greedy answers of the frozen base model, in batches, each row with its own adapter (or none)."""
+DECODINGS = ("free", "labels")
 
-    def __init__(self, adapted: AdaptedModel, tasks: dict[str, Task], batch_size: int = 16):
+
+class Answerer:
+    """Answers of the frozen base model, each row with its own adapter (or none).
+
+    `decoding="free"`: greedy decoding, in batches of similar lengths. `decoding="labels"`: for a
+    task with a label list (classification, rating), the label whose full token sequence is most
+    likely (`LabelChooser`); a task without one (generation) is decoded freely.
+    """
+
+    def __init__(self, adapted: AdaptedModel, tasks: dict[str, Task], batch_size: int = 16,
+                 decoding: str = "free", labels: dict[str, list[str]] | None = None):
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
         self.adapted, self.tok, self.tasks, self.batch_size = adapted, adapted.tokenizer, tasks, batch_size
+        self.decoding = decoding
         self.context = int(getattr(adapted.model.config, "max_position_embeddings", 2048))
+        self.choosers = {} if decoding == "free" else {
+            name: LabelChooser(adapted, list(t.labels or (labels or {}).get(name) or []))
+            for name, t in tasks.items() if t.kind in (CLASSIFICATION, RATING) and (t.labels or (labels or {}).get(name))}
+        self.prompt_tokens = 0
 
     def answer(self, examples: list[dict], adapters: list[UserAdapter | None] | None = None,
                system: list[str | None] | None = None) -> list[str]:
@@ -72,8 +90,13 @@ class Answerer:
         # The prompt rule of training and serving: a prompt too long loses the middle of its text.
         ids = [PromptFormat(self.tok, system[i] if system else None).ids(e["input"], self.context - budgets[i])
                for i, e in enumerate(examples)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
+        self.prompt_tokens = sum(len(i) for i in ids)
         out: list[str] = [""] * len(ids)
+        free = [i for i, e in enumerate(examples) if e["task"] not in self.choosers]
+        for i, e in enumerate(examples):
+            if e["task"] in self.choosers:
+                out[i] = self.choosers[e["task"]].choose(ids[i], adapters[i] if adapters else None)
+        order = sorted(free, key=lambda i: len(ids[i]))  # similar lengths share a batch
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
             decoded = decode(self.adapted, [ids[i] for i in rows], [budgets[i] for i in rows],
@@ -96,6 +119,7 @@ class Method:
         t = time.perf_counter()
         out = self.answerer.answer(examples, adapters, system)
         self.cost.seconds_per_answer = (time.perf_counter() - t) / max(len(examples), 1)
+        self.cost.prompt_tokens_per_answer = self.answerer.prompt_tokens / max(len(examples), 1)
         self.cost.answers = len(examples)
         return out
 
@@ -106,9 +130,12 @@ class Base(Method):
 
 
 class ProfileInPrompt(Method):
-    def __init__(self, name: str, answerer: Answerer, profile: ProfileConfig):
+    """The user's profile text in the prompt (a system message): with the untrained base model
+    (`prompt`), or with the retrieval control's one adapter, trained on such prompts (`retrieval`)."""
+
+    def __init__(self, name: str, answerer: Answerer, profile: ProfileConfig, adapter: UserAdapter | None = None):
         super().__init__(name, answerer)
-        self.profile = profile
+        self.profile, self.adapter = profile, adapter
 
     def predict(self, users, examples):
         t = time.perf_counter()
@@ -116,8 +143,8 @@ class ProfileInPrompt(Method):
         self.cost.personalize_seconds_per_user = (time.perf_counter() - t) / max(len(texts), 1)
         self.cost.users = len(texts)
         self.cost.bytes_per_user = int(np.mean([len(t.encode()) for t in texts.values()])) if texts else 0
-        system = [f"What you know about this user:\n{texts[e['user_id']]}" for e in examples]
-        return self._timed_answers(examples, system=system)
+        system = [profile_context(texts[e["user_id"]]) for e in examples]
+        return self._timed_answers(examples, [self.adapter] * len(examples) if self.adapter else None, system)
 
 
 class Rule(Method):
@@ -305,6 +332,7 @@ class Sources:
     answerer: Answerer
     personalizer: Personalizer
     shared: Personalizer | None
+    retrieval: Personalizer | None  # the retrieval control: one adapter trained with the profile in the prompt
     tasks: dict[str, Task]
     train: list[dict]
     reference: dict[str, tuple]  # example id -> (rule key, rule answer)
@@ -328,6 +356,12 @@ def build_methods(names: tuple[str, ...], src: Sources) -> tuple[dict[str, Metho
                 notes.append("shared: no shared control in the run (train it with `p2p train --with-shared`)")
                 continue
             out[name] = Shared(name, src.answerer, src.shared)
+        elif name == "retrieval":
+            if src.retrieval is None:
+                notes.append("retrieval: no retrieval control in the run (train it with `p2p train --with-retrieval`)")
+                continue
+            out[name] = ProfileInPrompt(name, src.answerer, ProfileConfig(**src.retrieval.hypernet.config.profile),
+                                        src.retrieval.shared_adapter())
         elif name == "shuffled":
             out[name] = P2P(name, src.answerer, src.personalizer, shuffle_seed=src.seed)
         elif name == "p2p":

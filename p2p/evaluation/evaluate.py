@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from p2p.data.schemas import examples_uri, read_table, read_user_id_file, users_uri
 from p2p.errors import P2PError
-from p2p.evaluation.baselines import OPPU, Answerer, Method, OPPUConfig, Sources, build_methods
+from p2p.evaluation.baselines import DECODINGS, OPPU, Answerer, Method, OPPUConfig, Sources, build_methods
 from p2p.evaluation.metrics import SCORINGS, primary_per_example, score
 from p2p.evaluation.report import BUCKETS, write_report
 from p2p.evaluation.stats import mean_ci, paired_diff_ci
@@ -31,8 +31,8 @@ from p2p.model.base import load_base_model
 from p2p.personalize import Personalizer
 from p2p.task.registry import Task, tasks_of
 
-METHODS = ("base", "prompt", "rule", "shared", "shuffled", "oppu", "p2p")
-CONTROLS = ("rule", "shared", "shuffled")
+METHODS = ("base", "prompt", "rule", "shared", "retrieval", "shuffled", "oppu", "p2p")
+CONTROLS = ("rule", "shared", "retrieval", "shuffled")
 HELD_OUT = ("test_id", "test_ood")
 
 
@@ -51,7 +51,11 @@ class EvalConfig:
     batch_size: int = 16
     scoring: str = "official"
     bootstrap: int = 2000  # bootstrap samples per interval
+    # "free" (greedy decoding) and/or "labels" (the most likely label of a classification or rating
+    # task's list); with both, each method is reported under each, "<method>+labels" for the second.
+    decodings: tuple[str, ...] = ("free",)
     shared: str | None = None  # the shared control: a run or checkpoint (default RUN/shared)
+    retrieval: str | None = None  # the retrieval control: a run or checkpoint (default RUN/retrieval)
     # A file of user ids (one per line) never to score: the users a recipe or setting was chosen on,
     # so that a reported figure does not stand on them.
     exclude_users: str | None = None
@@ -64,12 +68,14 @@ def checkpoint_dir(run: str) -> str:
     raise P2PError(f"{run}: neither a run directory with best/ nor a hypernet checkpoint")
 
 
-def shared_dir(config: EvalConfig) -> str | None:
-    """The shared control's checkpoint: given, or RUN/shared/best (what `p2p train --with-shared` writes)."""
-    if config.shared:
-        return checkpoint_dir(config.shared)
+def control_dir(config: EvalConfig, control: str) -> str | None:
+    """A control's checkpoint: given (`shared`, `retrieval`), or RUN/<control>/best (what `p2p train
+    --with-shared` / `--with-retrieval` write)."""
+    given = getattr(config, control)
+    if given:
+        return checkpoint_dir(given)
     try:
-        return checkpoint_dir(os.path.join(config.run, "shared"))
+        return checkpoint_dir(os.path.join(config.run, control))
     except P2PError:
         return None
 
@@ -117,6 +123,15 @@ def load_reference(data: str) -> dict[str, tuple]:
     if not os.path.isdir(path):
         return {}
     return {r["example_id"]: (r["rule_key"], r["rule"], r["ceiling"]) for r in read_table(path, "reference").to_pylist()}
+
+
+def with_decoding(method: str, decoding: str) -> str:
+    """A method's name in the report: `p2p` under free decoding, `p2p+labels` within the label set."""
+    return method if decoding == "free" else f"{method}+{decoding}"
+
+
+def suffixed(cell: str, decoding: str) -> str:
+    return cell if decoding == "free" else f"{cell} ({decoding})"
 
 
 def history_bucket(n: int) -> str:
@@ -194,11 +209,12 @@ class Scorer:
                         "users": len({self.user_of[i] for i in ids}), "examples": len(ids)}
         return out
 
-    def effects(self, examples: list[dict], per_example: dict, controls: tuple[str, ...] = CONTROLS) -> dict:
+    def effects(self, examples: list[dict], per_example: dict, treated: str = "p2p",
+                controls: tuple[str, ...] = CONTROLS) -> dict:
         """Per cell: P2P minus each control, and minus the best control (by its point estimate)."""
-        if "p2p" not in per_example:
+        if treated not in per_example:
             return {}
-        by_control = {c: self.paired(examples, per_example, "p2p", c) for c in controls if c in per_example}
+        by_control = {c: self.paired(examples, per_example, treated, c) for c in controls if c in per_example}
         out = {}
         for key in sorted({k for v in by_control.values() for k in v}):
             options = {ctrl: v[key] for ctrl, v in by_control.items() if key in v}
@@ -233,30 +249,42 @@ class Evaluation:
         self.reference = load_reference(config.data)
         hconfig = self.personalizer.hypernet.config
         base, tok = load_base_model(hconfig.base_model)
-        self.answerer = Answerer(AdaptedModel(copy.deepcopy(base), tok, hconfig), self.tasks, config.batch_size)
+        bad = [d for d in config.decodings if d not in DECODINGS]
+        if bad or not config.decodings:
+            raise P2PError(f"unknown decoding {bad[0] if bad else '(none)'!r}; valid: {', '.join(DECODINGS)}")
+        adapted = AdaptedModel(copy.deepcopy(base), tok, hconfig)
+        self.answerers = {d: Answerer(adapted, self.tasks, config.batch_size, d, labels) for d in config.decodings}
         self.notes: list[str] = []
         if config.exclude_users:
             self.notes.append(f"users listed in {config.exclude_users} were not scored")
 
-    def _shared(self) -> Personalizer | None:
-        path = shared_dir(self.config)
+    def _control(self, control: str) -> Personalizer | None:
+        path = control_dir(self.config, control)
         if path is None:
             return None
-        shared = Personalizer.from_checkpoint(path)
-        c, s = self.personalizer.hypernet.config, shared.hypernet.config
+        loaded = Personalizer.from_checkpoint(path)
+        c, s = self.personalizer.hypernet.config, loaded.hypernet.config
         if (c.layers, c.target_modules, c.rank, c.base_model) != (s.layers, s.target_modules, s.rank, s.base_model):
-            raise P2PError(f"{path}: the shared control adapts other layers/modules/rank/base than {self.config.run}")
-        return shared
+            raise P2PError(f"{path}: the {control} control adapts other layers/modules/rank/base than {self.config.run}")
+        return loaded
 
     def methods(self) -> dict[str, Method]:
-        """The configured methods (baselines, controls, OPPU, P2P), built on this evaluation's models and data."""
+        """The configured methods (baselines, controls, OPPU, P2P) under each decoding, built on this
+        evaluation's models and data; the rule decodes nothing and appears once."""
         c = self.config
-        shared = self._shared() if {"shared", "oppu"} & set(c.methods) else None
-        sources = Sources(self.answerer, self.personalizer, shared, self.tasks, self.train,
-                          {k: v[:2] for k, v in self.reference.items()}, c.oppu, c.seed)
-        methods, notes = build_methods(c.methods, sources)
-        self.notes += notes
-        return methods
+        shared = self._control("shared") if {"shared", "oppu"} & set(c.methods) else None
+        retrieval = self._control("retrieval") if "retrieval" in c.methods else None
+        out: dict[str, Method] = {}
+        for decoding, answerer in self.answerers.items():
+            sources = Sources(answerer, self.personalizer, shared, retrieval, self.tasks, self.train,
+                              {k: v[:2] for k, v in self.reference.items()}, c.oppu, c.seed)
+            names = c.methods if decoding == c.decodings[0] else tuple(m for m in c.methods if m != "rule")
+            methods, notes = build_methods(names, sources)
+            self.notes += [n for n in notes if n not in self.notes]
+            out |= {with_decoding(name, decoding): m for name, m in methods.items()}
+        for name, m in out.items():
+            m.name = name
+        return out
 
     def _oppu_users(self) -> set[str]:
         rng = random.Random(self.config.seed)
@@ -296,8 +324,12 @@ class Evaluation:
                 "cost": asdict(method.cost),
                 "samples": [{"example_id": e["example_id"], "user_id": e["user_id"], "target": e["target"],
                              "prediction": p} for e, p in list(zip(subset, preds, strict=True))[:5]],
+                "predictions": {e["task"]: {} for e in subset},
                 "seconds": time.perf_counter() - t,
             }
+            for e, p in zip(subset, preds, strict=True):
+                if p is not None:
+                    results["methods"][name]["predictions"][e["task"]][e["example_id"]] = p
             if isinstance(method, OPPU):
                 results["methods"][name]["oppu"] = {"epochs": method.epochs_run, "items": method.items_used,
                                                     "seconds": method.train_seconds}
@@ -305,9 +337,16 @@ class Evaluation:
                           f"{time.perf_counter() - t:.0f}s")
         if self.reference:
             results["ceiling"] = self._ceiling()
-        results["effects"] = self.scorer.effects(self.examples, per_example)
-        if "oppu" in per_example and "p2p" in per_example:
-            results["p2p_vs_oppu"] = self.scorer.paired(self.examples, per_example, "p2p", "oppu")
+        results["effects"], results["p2p_vs_oppu"] = {}, {}
+        for d in c.decodings:
+            p2p, oppu = with_decoding("p2p", d), with_decoding("oppu", d)
+            controls = tuple(ctrl if ctrl == "rule" else with_decoding(ctrl, d) for ctrl in CONTROLS)
+            results["effects"] |= {suffixed(k, d): v for k, v in
+                                   self.scorer.effects(self.examples, per_example, p2p, controls).items()}
+            if oppu in per_example and p2p in per_example:
+                results["p2p_vs_oppu"] |= {suffixed(k, d): v for k, v in
+                                           self.scorer.paired(self.examples, per_example, p2p, oppu).items()}
+        if "oppu" in methods and "p2p" in methods:
             p2p_s = methods["p2p"].cost.personalize_seconds_per_user
             oppu_s = methods["oppu"].cost.personalize_seconds_per_user
             results["p2p_vs_oppu_personalize_speedup"] = oppu_s / p2p_s if p2p_s else None

@@ -80,13 +80,13 @@ def report_markdown(results: dict) -> str:
             s = results["methods"][m]["by_history"].get(key)
             cells.append("-" if s is None else f"{s['primary']:.3f} (n={s['users']}/{s['examples']})")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", "## Deployment cost per user", "",
-              "| method | seconds to personalize one user | bytes stored per user | seconds per answer | users |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Cost: per user (to personalize, to store) and per query (prompt, answer)", "",
+              "| method | seconds to personalize one user | bytes stored per user | prompt tokens per query "
+              "| seconds per answer | users |", "|---|---|---|---|---|---|"]
     for m in methods:
         c = results["methods"][m]["cost"]
         lines.append(f"| {m} | {c['personalize_seconds_per_user']:.4f} | {c['bytes_per_user']:,} | "
-                     f"{c['seconds_per_answer']:.3f} | {c['users']} |")
+                     f"{c.get('prompt_tokens_per_answer', 0):.0f} | {c['seconds_per_answer']:.3f} | {c['users']} |")
     if results.get("p2p_vs_oppu_personalize_speedup"):
         lines += ["", f"P2P personalizes a user {results['p2p_vs_oppu_personalize_speedup']:,.0f}x faster than "
                       "OPPU trains one (same run, same machine; P2P timed for one user alone, no batching)."]
@@ -102,7 +102,19 @@ def write_report(results: dict, out: str) -> None:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(results))
+    write_lamp_outputs(results, os.path.join(out, "lamp"))
     plot(results, out)
+
+
+def write_lamp_outputs(results: dict, out: str) -> None:
+    """OUT/<method>/<task>.json in LaMP's own output format (`{"task", "golds": [{"id", "output"}]}`),
+    so LaMP's `eval/evaluation.py` scores each method's predictions unchanged."""
+    for method, m in results["methods"].items():
+        for task, predictions in m.get("predictions", {}).items():
+            os.makedirs(os.path.join(out, method), exist_ok=True)
+            golds = [{"id": eid, "output": p} for eid, p in sorted(predictions.items())]
+            with open(os.path.join(out, method, f"{task}.json"), "w") as f:
+                json.dump({"task": task, "golds": golds}, f, indent=1)
 
 
 def plot(results: dict, out: str) -> None:

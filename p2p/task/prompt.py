@@ -20,6 +20,12 @@ def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
     return user_text + "\n"
 
 
+def profile_context(profile_text: str) -> str:
+    """The system message that puts a user's profile in the prompt: the `prompt` baseline and the
+    trained retrieval control read the same words."""
+    return f"What you know about this user:\n{profile_text}"
+
+
 MARKER = "\x00p2p-user-text\x00"
 ELLIPSIS = " ... "
 

@@ -54,7 +54,8 @@ class Batch:
 
 
 def collate(rows: list[dict], fmt: PromptFormat, max_len: int, memo: dict | None = None) -> Batch:
-    """rows: dicts with example_id, user_id, input, target, embedding (and task).
+    """rows: dicts with example_id, user_id, input, target, embedding (and task; and system, a system
+    message of that example's prompt: the retrieval control's profile).
 
     `memo` (example id -> token ids) saves re-tokenizing an example every epoch.
     """
@@ -62,7 +63,8 @@ def collate(rows: list[dict], fmt: PromptFormat, max_len: int, memo: dict | None
     for r in rows:
         ids = memo.get(r["example_id"]) if memo is not None else None
         if ids is None:
-            ids = encode_example(fmt, r["input"], r["target"], max_len)
+            row_fmt = PromptFormat(fmt.tokenizer, r["system"]) if r.get("system") else fmt
+            ids = encode_example(row_fmt, r["input"], r["target"], max_len)
             if memo is not None:
                 memo[r["example_id"]] = ids
         encoded.append(ids)

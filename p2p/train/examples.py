@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from p2p.data.schemas import examples_uri, read_table
 from p2p.errors import P2PError
+from p2p.task.prompt import profile_context
 
 
 def attach_embeddings(examples: pa.Table, profiles: pa.Table, splits: tuple[str, ...],
@@ -26,7 +27,10 @@ def attach_embeddings(examples: pa.Table, profiles: pa.Table, splits: tuple[str,
     if index.null_count:
         missing = examples.column("user_id").filter(pc.is_null(index))[0].as_py()
         raise P2PError(f"examples: user {missing!r} has no profile (rebuild profiles with `p2p profiles`)")
-    return examples.append_column("embedding", profiles.column("embedding").take(index))
+    out = examples.append_column("embedding", profiles.column("embedding").take(index))
+    if "profile_text" in profiles.column_names:  # the retrieval control reads it in its prompt
+        out = out.append_column("profile_text", profiles.column("profile_text").take(index))
+    return out
 
 
 def example_rows(data: str, profiles: pa.Table, splits: tuple[str, ...],
@@ -47,6 +51,14 @@ def user_embeddings(rows: list[dict]) -> np.ndarray:
     return np.stack(list(users.values()))
 
 
-def as_shared_control(rows: list[dict], mean: np.ndarray) -> list[dict]:
-    """The `shared` control's data: every example carries the same embedding (no user signal)."""
+def as_control(rows: list[dict], control: str, mean: np.ndarray) -> list[dict]:
+    """A control's data: every example carries the same embedding (no user signal through the hypernet).
+
+    `shared`: that is all. `retrieval`: the example's prompt also holds its user's profile text
+    (summary + top-k history items) as a system message: what a team would build instead of P2P.
+    """
+    if control == "none":
+        return rows
+    if control == "retrieval":
+        return [{**r, "embedding": mean, "system": profile_context(r["profile_text"])} for r in rows]
     return [{**r, "embedding": mean} for r in rows]

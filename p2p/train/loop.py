@@ -27,7 +27,7 @@ from p2p.model.hypernet import HypernetConfig, Hypernetwork, make_config, save_h
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import Batch, batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
-from p2p.train.examples import as_shared_control, embedding_stats, user_embeddings
+from p2p.train.examples import as_control, embedding_stats, user_embeddings
 from p2p.train.step import AdapterLoss, AdapterSource, val_metrics, val_rows_sample, val_sums
 
 
@@ -225,9 +225,8 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
     """The plain single-process run: what the distributed job does, minus distribution."""
     check_task_weights(config, (r["task"] for r in train_rows))
     hypernet = new_hypernet(config, model, embed_dim, embedding_stats(user_embeddings(train_rows)))
-    if config.control == "shared":
-        train_rows = as_shared_control(train_rows, hypernet.shared_embedding().numpy())
-        val_rows = as_shared_control(val_rows, hypernet.shared_embedding().numpy())
+    mean = hypernet.shared_embedding().numpy()
+    train_rows, val_rows = as_control(train_rows, config.control, mean), as_control(val_rows, config.control, mean)
     loss = AdapterLoss(AdaptedModel(model, tokenizer, hypernet.config), config.cache_prefix, config.cache_max_bytes,
                        config.label_smoothing, config.l2_adapter)
     fmt = PromptFormat(tokenizer)

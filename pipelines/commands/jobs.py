@@ -11,7 +11,7 @@ from p2p.data.schemas import user_ids_from, users_uri
 from pipelines.ingest import run_profiles
 from pipelines.refresh import RefreshConfig, run_refresh, summary_dict
 from pipelines.serve import Limits, run_server
-from pipelines.train import run_training, run_training_with_shared
+from pipelines.train import run_training_with_controls
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
@@ -27,10 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Validated here, before Ray starts: an unknown field or a wrong type names the field.
     config = load_config(args.config, workers=args.workers, zero_stage=args.zero_stage, max_steps=args.max_steps)
 
-    runs = run_training_with_shared(config, args.data, args.out) if args.with_shared else \
-        (run_training(config, args.data, args.out),)
-    for summary in runs:
-        what = "the shared control" if summary["control"] == "shared" else "P2P"
+    controls = tuple(c for c, on in (("shared", args.with_shared), ("retrieval", args.with_retrieval)) if on)
+    for summary in run_training_with_controls(config, args.data, args.out, controls):
+        what = "P2P" if summary["control"] == "none" else f"the {summary['control']} control"
         print(f"trained {what}: {summary['steps']} steps in {summary['seconds']:.0f}s; task-balanced val loss "
               f"{summary['val_loss']:.4f}, best {summary['best_val_loss']:.4f} (step {summary['best_step']}); "
               f"checkpoints: {summary['latest']} and {summary['best']}")

@@ -23,6 +23,7 @@ def run_dir(tiny_hypernet, tmp_path_factory):
         for p in shared.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_hypernet(shared, str(run / "shared" / "best"))
+    shutil.copytree(run / "shared" / "best", run / "retrieval" / "best")  # a control of the same shapes
     return str(run)
 
 
@@ -31,7 +32,7 @@ def test_eval_scores_every_method_with_intervals_and_the_effect(run_dir, synth_d
     rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(out), "--users-per-split", "3",
                "--oppu-users", "1", "--oppu-epochs", "1", "--oppu-max-items", "4", "--bootstrap", "200"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["cost.png", "effect.png", "quality.png", "report.json", "report.md"]
+    assert sorted(os.listdir(out)) == ["cost.png", "effect.png", "lamp", "quality.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"base", "prompt", "rule", "shared", "shuffled", "oppu", "p2p"}
     assert report["users"] == 6 and report["scoring"] == "official"
@@ -159,3 +160,31 @@ def test_exclude_users_file_errors_are_one_line(run_dir, synth_dir, tmp_path, ca
     rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "r"),
                "--exclude-users", str(everyone)])
     assert rc == 2 and "every user of splits test_id, test_ood is excluded" in capsys.readouterr().err
+
+
+def test_label_decoding_next_to_free_and_lamp_output_files(run_dir, synth_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(out), "--users-per-split", "2",
+               "--methods", "rule,retrieval,shuffled,p2p", "--tasks", "tag,rate", "--decoding", "free,labels",
+               "--bootstrap", "100"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"rule", "retrieval", "shuffled", "p2p", "retrieval+labels", "shuffled+labels",
+                                      "p2p+labels"}
+    # the retrieval control answers with its one adapter and the user's profile in the prompt
+    assert report["methods"]["retrieval"]["cost"]["prompt_tokens_per_answer"] > \
+        report["methods"]["p2p"]["cost"]["prompt_tokens_per_answer"] + 50
+    # Within the label set every answer is a label; the effect is reported per decoding, against its own controls.
+    for task, labels in (("tag", set(task_for("tag").labels)), ("rate", {"1", "2", "3", "4", "5"})):
+        answers = set(report["methods"]["p2p+labels"]["predictions"][task].values())
+        assert answers and answers <= labels
+    assert "tag/test_id" in report["effects"] and "tag/test_id (labels)" in report["effects"]
+    assert set(report["effects"]["tag/test_id (labels)"]["by_control"]) == {"rule", "retrieval+labels",
+                                                                              "shuffled+labels"}
+    # LaMP's own output format, one file per method and task, ids = the examples' (LaMP's question ids)
+    golds = json.loads((out / "lamp" / "p2p+labels" / "tag.json").read_text())
+    assert golds["task"] == "tag"
+    assert {g["id"] for g in golds["golds"]} == set(report["methods"]["p2p+labels"]["predictions"]["tag"])
+    assert all(set(g) == {"id", "output"} for g in golds["golds"])
+    assert main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "x"), "--decoding", "beam"]) == 2
+    assert "unknown decoding 'beam'" in capsys.readouterr().err

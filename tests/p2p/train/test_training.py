@@ -5,6 +5,7 @@ import copy
 import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 from numerics import assert_same_losses
@@ -139,3 +140,24 @@ def test_local_loop_learns_and_keeps_best(tiny, train_data, tmp_path):
     assert best.config.extra["val_loss"] == min(vals)
 
 
+
+
+def test_retrieval_control_trains_on_prompts_that_hold_the_users_profile(tiny, train_data):
+    from p2p.task.prompt import PromptFormat
+    from p2p.train.batch import collate
+    from p2p.train.examples import as_control
+
+    train, val = local_rows(train_data)
+    assert "profile_text" in train[0]  # the join carries it along with the embedding
+    rows = as_control(train[:4], "retrieval", np.zeros(DIM, np.float32))
+    batch = collate(rows, PromptFormat(tiny[1]), 512)
+    text = tiny[1].decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+    assert "What you know about this user:" in text and train[0]["profile_text"][:40] in text
+    assert train[0]["input"][:40] in text
+    assert (batch.embeddings == 0).all()  # one embedding for everyone: the profile reaches the model as text only
+    losses = {}
+    for control in ("shared", "retrieval"):
+        cfg = TrainConfig(**TINY, max_steps=4, eval_every=4, control=control, max_seq_len=512)
+        run = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:16], val, DIM, log=lambda s: None)
+        losses[control] = [r["loss"] for r in run["history"]]
+    assert losses["shared"] != losses["retrieval"]  # other prompts, other losses
