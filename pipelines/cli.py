@@ -22,7 +22,7 @@ from p2p.errors import P2PError
 # transformers and Ray together take ~8 s to import).
 COMMANDS = {"info": "models", "complete": "models", "init-hypernet": "hypernet", "generate": "hypernet",
             "synth": "data", "import-lamp": "data", "profiles": "jobs", "train": "jobs", "refresh": "jobs",
-            "serve": "jobs", "eval": "evaluate", "store": "store"}  # store fetch / export: "adapters"
+            "serve": "jobs", "eval": "evaluate", "store": "store", "token": "token"}  # store fetch / export: "adapters"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-choices", type=int, default=16, help="largest prompts x n in one request")
     p.add_argument("--max-history-items", type=int, default=1000, help="largest history of an adapter build")
+    p.add_argument("--max-request-tokens", type=int, default=32768,
+                   help="largest choices x (prompt + max_tokens) of one request (400 above)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="sequences queued per replica beyond the running batch (429 with Retry-After above)")
+    p.add_argument("--request-timeout", type=int, default=300, help="seconds a request may generate (then 503)")
+
+    p = sub.add_parser("token", help="issue an end-user token: the server answers its holder as that one user only")
+    p.add_argument("action", choices=["issue"])
+    p.add_argument("--user", required=True, help="the user id the token is for")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (at most 30 days)")
+    p.add_argument("--json", action="store_true", help="print token, user and expiry as JSON")
 
     p = sub.add_parser("eval", help="P2P vs the controls and baselines on held-out users: report with CIs + plots")
     p.add_argument("--run", required=True, help="training run directory (uses best/) or a hypernet checkpoint")

@@ -80,9 +80,9 @@ class DecodeBatch:
         if not self.rows:
             self.cache, self.mask, self.next_pos, self.logits = cache, mask, mask.sum(-1), logits
         else:
-            self.mask = _merge(self.cache, cache, self.mask, mask)
-            self.next_pos = torch.cat([self.next_pos, mask.sum(-1)])
-            self.logits = torch.cat([self.logits, logits])
+            next_pos, all_logits = torch.cat([self.next_pos, mask.sum(-1)]), torch.cat([self.logits, logits])
+            self.mask = _merge(self.cache, cache, self.mask, mask)  # all or nothing: see _merge
+            self.next_pos, self.logits = next_pos, all_logits
         self.rows = self.rows + list(rows)
         self._adapters = None
 
@@ -176,10 +176,15 @@ def _merge(running, new, running_mask: torch.Tensor, new_mask: torch.Tensor) -> 
     """Append `new`'s rows to `running` (in place), left-padding the shorter; returns the merged mask."""
     width = max(running_mask.shape[1], new_mask.shape[1])
     pad_running, pad_new = width - running_mask.shape[1], width - new_mask.shape[1]
-    for a, b in zip(_layers(running), _layers(new), strict=True):
-        a.keys = torch.cat([_pad_left(a.keys, pad_running), _pad_left(b.keys, pad_new)])
-        a.values = torch.cat([_pad_left(a.values, pad_running), _pad_left(b.values, pad_new)])
-    return torch.cat([_pad_left(running_mask, pad_running, dim=1), _pad_left(new_mask, pad_new, dim=1)])
+    pairs = list(zip(_layers(running), _layers(new), strict=True))
+    # Every layer is built before any is replaced: a failure half-way (out of memory) leaves the running
+    # batch as it was, rather than layers with different row counts that fail every running row.
+    merged = [(torch.cat([_pad_left(a.keys, pad_running), _pad_left(b.keys, pad_new)]),
+               torch.cat([_pad_left(a.values, pad_running), _pad_left(b.values, pad_new)])) for a, b in pairs]
+    mask = torch.cat([_pad_left(running_mask, pad_running, dim=1), _pad_left(new_mask, pad_new, dim=1)])
+    for (a, _), (keys, values) in zip(pairs, merged, strict=True):
+        a.keys, a.values = keys, values
+    return mask
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:

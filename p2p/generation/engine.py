@@ -12,6 +12,11 @@ for `batch_wait_s`, run them until the last one finishes, only then admit more.
 
 The loop runs on a plain thread, never on an event loop: a forward pass holds the GIL-free
 torch kernels for tens of milliseconds, and an HTTP server must keep answering meanwhile.
+
+Health: the queue is bounded (`EngineBusy` beyond `max_waiting`: the server answers 429), a loop
+that died (any error outside one step's or one join's own handling) fails every sequence and
+refuses new ones (`EngineDead`), and `check()` also fails when one step has run longer than
+`stuck_s`, so the replica's health check can have it replaced.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ BATCHING = ("continuous", "static")
 
 class EngineClosed(RuntimeError):
     """The engine was shut down; no new sequences are taken."""
+
+
+class EngineDead(EngineClosed):
+    """The decode loop died or is stuck: this engine answers nothing more (the replica is to be replaced)."""
+
+
+class EngineBusy(RuntimeError):
+    """`max_waiting` sequences already wait: come back later."""
 
 
 @dataclass
@@ -111,13 +124,18 @@ class Engine:
     """Decodes every submitted sequence on one background thread; see the module docstring."""
 
     def __init__(self, adapted: AdaptedModel, max_batch_size: int = 16, batching: str = "continuous",
-                 batch_wait_s: float = 0.0, on_step: Callable[[int], None] | None = None):
+                 batch_wait_s: float = 0.0, on_step: Callable[[int], None] | None = None,
+                 max_waiting: int = 256, stuck_s: float = 300.0):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.adapted, self.tokenizer = adapted, adapted.tokenizer
         self.max_batch_size, self.batching, self.batch_wait_s = max_batch_size, batching, batch_wait_s
+        self.max_waiting, self.stuck_s = max_waiting, stuck_s
+        self.dead: str | None = None  # why the loop died
+        self._working_since: float | None = None  # set while a join or step runs
+        self._joining: list[Sequence] = []  # admitted, not yet in the batch
         self.on_step = on_step  # called on the engine thread after each step with its row count
         self.vocab_size = adapted.model.get_input_embeddings().num_embeddings
         self.stats = {"submitted": 0, "steps": 0, "prefills": 0, "tokens": 0, "finished": 0, "cancelled": 0,
@@ -141,8 +159,12 @@ class Engine:
         seq = Sequence(job.prompt, job.adapter, RowSampler(job.params),
                        TextStream(self.tokenizer, job.params.stop, context=job.prompt), emit, self.adapted.eos_id)
         with self._cond:
+            if self.dead is not None:
+                raise EngineDead(f"the engine's decode loop died: {self.dead}")
             if self._closed:
                 raise EngineClosed("the engine is shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_waiting})")
             self._waiting.append(seq)
             self.stats["submitted"] += 1
             self._cond.notify_all()
@@ -186,6 +208,16 @@ class Engine:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
+    def check(self) -> None:
+        """Raise `EngineDead` if the loop died, its thread is gone, or one step has run past `stuck_s`."""
+        if self.dead is not None:
+            raise EngineDead(f"the engine's decode loop died: {self.dead}")
+        if not self._thread.is_alive() and not self._closed:
+            raise EngineDead("the engine's thread is not running")
+        started = self._working_since
+        if started is not None and time.monotonic() - started > self.stuck_s:
+            raise EngineDead(f"one decode step has run for {time.monotonic() - started:.0f} s (stuck_s={self.stuck_s})")
+
     def snapshot(self) -> dict:
         """The counters, JSON-ready (step sizes as {rows: steps})."""
         with self._cond:
@@ -197,20 +229,37 @@ class Engine:
     # --- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        reason = "the server is shutting down"
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must fail its callers, not leave them waiting
+            log.exception("p2p engine: the decode loop died")
+            with self._cond:
+                self.dead = reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._working_since = None
+            with self._cond:
+                left = [*self._joining, *self._batch.rows, *self._waiting]
+                self._waiting.clear()
+            for seq in {id(s): s for s in left}.values():
+                seq.fail(reason)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and not self._waiting and not len(self._batch):
                     self._cond.wait()
                 if self._closed:
-                    break
-                newcomers = self._admit()
+                    return
+                self._joining = newcomers = self._admit()
+            self._working_since = time.monotonic()
             self._drop_cancelled()
             if newcomers:
                 self._join(newcomers)
+            self._joining = []
             if len(self._batch):
                 self._step()
-        for seq in [*self._batch.rows, *self._waiting]:
-            seq.fail("the server is shutting down")
+            self._working_since = None
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that join now (called with the lock held)."""

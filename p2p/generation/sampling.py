@@ -113,7 +113,8 @@ def _sample(logits: torch.Tensor, sampler: RowSampler) -> int:
     probs = torch.softmax(logits.cpu() / sampler.params.temperature, dim=-1)
     if sampler.params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampler.params.top_p  # the first token always stays
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampler.params.top_p
+        outside[0] = False  # the likeliest token always stays: a top_p below float32's range (5e-324) is greedy
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=sampler.generator))
 

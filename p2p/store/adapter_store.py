@@ -73,8 +73,7 @@ class AdapterStore:
         self.tombstones = Tombstones(self.objects)
         self._index: ManifestIndex | None = None
         self._index_guard = threading.Lock()
-        self._lease: Lease | None = None
-        self._implicit_lease = False
+        self._held = threading.local()  # each thread its own lease: replicas delete users from many threads
 
     # --- paths ---------------------------------------------------------------------------------------
 
@@ -96,24 +95,28 @@ class AdapterStore:
     def leased(self, purpose: str, ttl_s: float = DEFAULT_LEASE_TTL_S, wait_s: float = 0.0) -> Iterator[Lease]:
         """Hold the store's lease for a block: commits, deletions and gc inside it use it."""
         lease = Lease(self.objects, purpose, ttl_s=ttl_s, wait_s=wait_s).acquire()
-        self._lease = lease
+        self._held.lease, self._held.implicit = lease, False
         try:
             yield lease
         finally:
-            self._lease = None
+            self._held.lease = None
             lease.release()
 
     def _held_lease(self, purpose: str, wait_s: float = 60.0) -> Lease:
-        """The lease of the enclosing `leased` block, or one taken for this call alone (released after)."""
-        if self._lease is None:
-            self._lease = Lease(self.objects, purpose, ttl_s=DEFAULT_LEASE_TTL_S, wait_s=wait_s).acquire()
-            self._implicit_lease = True
-        return self._lease
+        """This thread's lease of the enclosing `leased` block, or one taken for this call alone (released after).
+
+        Per thread: a lease shared by the threads of one store object let two concurrent deletes
+        reuse one lease, the first release it, and the second rewrite manifests holding none.
+        """
+        if getattr(self._held, "lease", None) is None:
+            self._held.lease = Lease(self.objects, purpose, ttl_s=DEFAULT_LEASE_TTL_S, wait_s=wait_s).acquire()
+            self._held.implicit = True
+        return self._held.lease
 
     def _release_implicit(self) -> None:
-        if self._implicit_lease and self._lease is not None:
-            self._lease.release()
-            self._lease, self._implicit_lease = None, False
+        if getattr(self._held, "implicit", False) and self._held.lease is not None:
+            self._held.lease.release()
+            self._held.lease, self._held.implicit = None, False
 
     # --- hypernets -----------------------------------------------------------------------------------
 
@@ -182,6 +185,12 @@ class AdapterStore:
                                         [(user_id, files, profile_hash, embedding)])
             record = {k: v for k, v in row.items() if k != "embedding"}
         self.objects.write(layout.on_demand_record(hypernet_id, user_id), json.dumps(record).encode())
+        if not readmit and self.tombstones.is_deleted(user_id):
+            # A delete ran meanwhile. It writes its tombstone before removing anything, so either it
+            # removed what was written here, or its tombstone is visible now: undo the write ourselves.
+            self.objects.delete(layout.on_demand_record(hypernet_id, user_id))
+            self.objects.delete_prefixes([layout.adapter_prefix(hypernet_id, user_id)])
+            raise UserDeleted(f"user {user_id!r} was deleted from {self.uri} while their adapter was built")
         return record
 
     # --- reading adapters ----------------------------------------------------------------------------

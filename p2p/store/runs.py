@@ -147,6 +147,7 @@ class RunLog:
             raise StoreError(f"unknown store mode {mode!r}; one of {', '.join(MODES)}")
         self._check_parts(hypernet_id, run_id, parts)
         committed = Committed(hypernet_id, run_id, sorted(parts), users, time.time(), mode)
+        lease.check()  # before the record too: a run that lost its lease leaves none for gc to keep or recover to promote
         self.objects.write(layout.commit_record(hypernet_id, run_id), committed.to_json())
         lease.check()
         self.objects.write(layout.current(hypernet_id), committed.to_json())

@@ -55,7 +55,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, max_choices=args.max_choices, max_history_items=args.max_history_items)
+                    max_tokens=args.max_tokens, max_choices=args.max_choices, max_history_items=args.max_history_items,
+                    max_request_tokens=args.max_request_tokens, max_waiting=args.max_waiting,
+                    request_timeout_s=args.request_timeout)
     run_server(args.store, hypernet_id=args.hypernet, base=args.base, host=args.host, port=args.port,
                unknown_user=args.unknown_user, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                max_batch_size=args.max_batch_size, batching=args.batching, limits=limits)

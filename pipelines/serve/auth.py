@@ -6,6 +6,9 @@
 - Both unset: open development mode, every endpoint without a key (say so in the startup line).
 - `P2P_API_KEY` (the single key of earlier versions) still works: when neither new variable is
   set it becomes both keys, so an upgraded deployment never silently turns open.
+- An **end-user token** (pipelines/serve/tokens.py: `P2P_TOKEN_SECRET` or `P2P_TOKEN_PUBLIC_KEY`) is
+  the `user` scope for one user id: the OpenAI endpoints answer that user only, and `/v1/users/<id>`
+  acts on that user's own id only (both checked where the user is known: replica.py, api.py).
 
 Each variable may hold several keys separated by commas (rotation). A missing or wrong key is
 401; a valid key without the scope is 403; admin endpoints with no admin key configured are
@@ -30,9 +33,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.serve.errors import APIError
+from pipelines.serve.tokens import TokenError, Tokens
 
 SERVICE_ENV, ADMIN_ENV, LEGACY_ENV = "P2P_SERVICE_KEY", "P2P_ADMIN_KEY", "P2P_API_KEY"
-SERVICE, ADMIN = "service", "admin"
+SERVICE, ADMIN, USER = "service", "admin", "user"
+TOKENS_PATH = "/v1/tokens"
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PREFIX = "/v1/users"
 
@@ -45,6 +50,7 @@ def _split(value: str | None) -> tuple[str, ...]:
 class Keys:
     service: tuple[str, ...] = ()
     admin: tuple[str, ...] = ()
+    tokens: Tokens = Tokens()
 
     @classmethod
     def resolve(cls, service_key: str | None = None, admin_key: str | None = None,
@@ -54,32 +60,50 @@ class Keys:
         admin = _split(admin_key if admin_key is not None else env.get(ADMIN_ENV))
         if not service and not admin and service_key is None and admin_key is None:
             service = admin = _split(env.get(LEGACY_ENV))
-        return cls(service, admin)
+        return cls(service, admin, Tokens.resolve(env))
 
     @property
     def open(self) -> bool:
-        return not self.service and not self.admin
+        return not self.service and not self.admin and not self.tokens.enabled
 
     def scopes(self, authorization: str | None) -> frozenset[str]:
         """The scopes the `Authorization` header grants (all of them in open mode)."""
+        return self.grant(authorization)[0]
+
+    def grant(self, authorization: str | None) -> tuple[frozenset[str], str | None]:
+        """(scopes, the user an end-user token is for). A token that does not verify is a `TokenError`."""
         if self.open:
-            return frozenset({SERVICE, ADMIN})
+            return frozenset({SERVICE, ADMIN}), None
         scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip().encode()
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return frozenset()
+            return frozenset(), None
         # compare_digest against every key: the time taken says nothing about which one matched
-        admin = any([secrets.compare_digest(token, k.encode()) for k in self.admin])
-        service = any([secrets.compare_digest(token, k.encode()) for k in self.service])
-        return frozenset({SERVICE, ADMIN}) if admin else frozenset({SERVICE}) if service else frozenset()
+        admin = any([secrets.compare_digest(token.encode(), k.encode()) for k in self.admin])
+        service = any([secrets.compare_digest(token.encode(), k.encode()) for k in self.service])
+        if admin or service:
+            return (frozenset({SERVICE, ADMIN}) if admin else frozenset({SERVICE})), None
+        if self.tokens.enabled and token.count(".") == 2:  # a JWT: header.claims.signature
+            return frozenset({USER}), self.tokens.user_of(token)
+        return frozenset(), None
 
 
 def required_scope(path: str) -> str | None:
     if path in PUBLIC_PATHS:
         return None
-    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+    if path in (ADMIN_PREFIX, TOKENS_PATH) or path.startswith(ADMIN_PREFIX + "/"):
         return ADMIN
     return SERVICE
+
+
+def allowed(need: str, granted: frozenset[str], path: str) -> bool:
+    """Whether the scopes allow the path. A user token is a user-level service key, and an admin key for
+    `/v1/users/<id>` (the route then checks that the id is the token's user)."""
+    if need in granted:
+        return True
+    if USER in granted:
+        return need == SERVICE or path.startswith(ADMIN_PREFIX + "/")
+    return False
 
 
 class BodyTooLarge(HTTPException):
@@ -100,11 +124,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        granted = self.keys.scopes(headers.get(b"authorization", b"").decode("latin-1"))
-        scope.setdefault("state", {})["scopes"] = granted
+        try:
+            granted, user = self.keys.grant(headers.get(b"authorization", b"").decode("latin-1"))
+        except TokenError as exc:
+            await APIError(401, str(exc), code="invalid_token", headers={"WWW-Authenticate": "Bearer"}
+                           ).response()(scope, receive, send)
+            return
+        scope.setdefault("state", {}).update(scopes=granted, user=user)
         path, root = scope.get("path", ""), scope.get("root_path", "")
-        need = required_scope(path[len(root):] if root and path.startswith(root) else path)
-        if need is not None and need not in granted:
+        path = path[len(root):] if root and path.startswith(root) else path
+        need = required_scope(path)
+        if need is not None and not allowed(need, granted, path):
             await self._refusal(need, granted).response()(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"0").decode("latin-1")
@@ -139,5 +169,7 @@ class Guard:
         if not granted:
             return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if USER in granted:
+            return APIError(403, "an end-user token reaches only its own user's endpoints", code="insufficient_scope")
         return APIError(403, f"this key has no {need!r} scope; this endpoint needs the {need} key",
                         code="insufficient_scope")

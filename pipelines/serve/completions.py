@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from p2p.generation.engine import Engine, EngineClosed, Job
+from p2p.generation.engine import Engine, EngineBusy, EngineClosed, EngineDead, Job
 from p2p.generation.sampling import SEED_MAX, SamplingParams
 from p2p.model.lora import UserAdapter
 from p2p.task.prompt import chat_prompt
@@ -24,6 +24,7 @@ from pipelines.serve.responses import Choice, Responder, sse
 from pipelines.serve.schemas import ChatRequest, CompletionRequest, Limits, Sampling
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+GENERATION_FAILED = "generation failed on this replica (its log has the error); retry"  # no internals to callers
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Completions:
         choices = [Choice() for _ in jobs]
         async for i, delta in self._deltas(jobs):
             if delta.error is not None:
-                raise APIError(503, f"generation failed: {delta.error}", type="server_error", code="engine_error")
+                raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
             choices[i].add(delta)
         return responder.body(choices, prompt_tokens, target.extras)
 
@@ -108,6 +109,10 @@ class Completions:
         if len(prompts) * n > self.limits.max_choices:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} choices; "
                                 f"the limit is {self.limits.max_choices}", "n")
+        held = sum(len(p) + budget for p in prompts) * n
+        if held > self.limits.max_request_tokens:
+            raise APIError(400, f"this request needs {held} tokens (choices x (prompt + max_tokens)); the limit "
+                                f"is {self.limits.max_request_tokens}", "max_tokens", "request_too_large")
         longest = max(len(p) for p in prompts)
         if longest + budget > self.context:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt is "
@@ -124,9 +129,19 @@ class Completions:
 
     async def _deltas(self, jobs: list[Job]) -> AsyncIterator:
         try:
-            async with contextlib.aclosing(self.engine.stream(jobs)) as deltas:
-                async for item in deltas:
-                    yield item
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                async with contextlib.aclosing(self.engine.stream(jobs)) as deltas:
+                    async for item in deltas:
+                        yield item
+        except TimeoutError:  # closing the stream above cancelled its rows
+            raise APIError(503, f"the request was still generating after {self.limits.request_timeout_s} s",
+                           type="server_error", code="request_timeout") from None
+        except EngineBusy:
+            raise APIError(429, "the server is at capacity; retry shortly", type="server_error", code="overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except EngineDead:  # the health check has this replica replaced
+            raise APIError(503, "this replica's engine failed; retry (another replica answers)",
+                           type="server_error", code="engine_unavailable", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
         except ValueError as exc:  # the engine's own check of a job (prompts are checked before this)
@@ -141,7 +156,7 @@ class Completions:
                     yield sse(responder.opening(i))
             async for i, delta in self._deltas(jobs):
                 if delta.error is not None:
-                    raise APIError(503, f"generation failed: {delta.error}", type="server_error", code="engine_error")
+                    raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
                 generated += delta.token is not None
                 chunk = responder.chunk(i, delta)
                 if chunk is not None:

@@ -74,7 +74,8 @@ def run_server(store: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) 
     url = start(store, host, port, **kwargs)
     keys = Keys.resolve(kwargs.get("service_key"), kwargs.get("admin_key"))
     auth = ("OPEN: no keys set (P2P_SERVICE_KEY, P2P_ADMIN_KEY), anyone can call every endpoint" if keys.open
-            else f"service key {'set' if keys.service else 'NOT set'}, admin key {'set' if keys.admin else 'NOT set'}")
+            else f"service key {'set' if keys.service else 'NOT set'}, admin key {'set' if keys.admin else 'NOT set'}, "
+                 f"end-user tokens {'on' if keys.tokens.enabled else 'off'}")
     print(f"p2p serve: {url}/v1 (OpenAI API; health {url}/healthz; docs {url}/docs); auth: {auth}; Ctrl-C stops",
           flush=True)
     try:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from p2p.data.schemas import USERS, DataError, validate
 from p2p.errors import P2PError
-from p2p.generation.engine import Engine
+from p2p.generation.engine import Engine, EngineDead
 from p2p.model.adapted import AdaptedModel
 from p2p.model.base import load_base_model
 from p2p.store import UserDeleted
@@ -29,7 +29,7 @@ from pipelines.serve.auth import Keys
 from pipelines.serve.completions import Completions, Target
 from pipelines.serve.errors import APIError
 from pipelines.serve.schemas import AdapterRequest, Limits
-from pipelines.serve.store_access import StoreAccess, StoreDown
+from pipelines.serve.store_access import DELETE_WAIT_S, StoreAccess, StoreBusy, StoreDown
 from pipelines.serve.users import KeyedLocks, Slot, resolve_user
 
 
@@ -52,8 +52,8 @@ class Replica:
         model, self.tokenizer = load_base_model(self.base_name)
         self.adapted = AdaptedModel(model, self.tokenizer, config)
         context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.engine = Engine(self.adapted, max_batch_size, batching, batch_wait_s)
         self.keys, self.limits = keys or Keys(), limits or Limits()
+        self.engine = Engine(self.adapted, max_batch_size, batching, batch_wait_s, max_waiting=self.limits.max_waiting)
         self.completions = Completions(self.engine, self.tokenizer, self.limits, context)
         self.unknown_user, self.recheck_s = unknown_user, recheck_s
         self.started = int(time.time())
@@ -92,15 +92,29 @@ class Replica:
     async def _reload(self, slot: Slot) -> None:
         slot.loaded, slot.checked_at = await self._store(self.store.load, slot.user_id), time.monotonic()
 
-    async def target(self, model: str | None, user: str | None, header: str | None) -> Target:
-        """The adapter and response fields for a request, from whichever of model / user / header names it."""
+    async def target(self, model: str | None, user: str | None, header: str | None,
+                     token_user: str | None = None) -> Target:
+        """The adapter and response fields for a request, from whichever of model / user / header names it.
+
+        With an end-user token (`token_user`) the request is that user's: naming no user means them,
+        naming anyone else is 403; `model` as the base alone still means them.
+        """
         user_id = resolve_user(self.base_name, model, user, header)
+        if token_user is not None:
+            user_id = self.own(token_user, user_id or token_user, "user")
         if user_id is None:
             return Target(model or self.base_name)
         slot = await self.slot_for(user_id)
         if slot.loaded.adapter is None and slot.loaded.error is None and self.unknown_user == "error":
             raise APIError(404, f"user {user_id!r} has no adapter", "user", "user_not_found")
         return Target(model or self.base_name, slot.loaded.adapter, slot.extras)
+
+    @staticmethod
+    def own(token_user: str | None, user_id: str, param: str = "user_id") -> str:
+        """`user_id`, if the caller may act on it: anyone with a key, or the one user a token is for (else 403)."""
+        if token_user is not None and user_id != token_user:
+            raise APIError(403, "this token is for another user; it reaches only its own user", param, "wrong_user")
+        return user_id
 
     async def build_adapter(self, user_id: str, req: AdapterRequest) -> dict:
         """Make (or, with `replace`, remake) a user's adapter; one build per user at a time in this replica."""
@@ -151,8 +165,10 @@ class Replica:
     async def delete_user(self, user_id: str) -> dict:
         async with self._user_locks.hold(user_id):
             existed = await self._store(self.store.row, user_id) is not None
-            removed = await self._store(self.store.delete, user_id)
-            await self._refresh_cached(user_id)
+            try:
+                removed = await self._store(self.store.delete, user_id)
+            finally:  # a 503 while a refresh holds the store has still tombstoned the user: stop serving them
+                await self._refresh_cached(user_id)
         if not existed and not removed:
             raise APIError(404, f"user {user_id!r} has no adapter", "user_id", "user_not_found")
         return {"user_id": user_id, "deleted": True, "manifest_rows_removed": removed}
@@ -169,6 +185,8 @@ class Replica:
             return await asyncio.to_thread(fn, *args)
         except StoreDown as exc:
             raise APIError(503, f"adapter store unavailable: {exc}", code="store_unavailable") from None
+        except StoreBusy as exc:
+            raise APIError(503, str(exc), code="store_busy", headers={"Retry-After": str(int(DELETE_WAIT_S * 6))}) from None
 
     # --- models and health -----------------------------------------------------------------------
 
@@ -177,9 +195,25 @@ class Replica:
         return {"id": model, "object": "model", "created": self.started, "owned_by": "p2p",
                 "root": self.base_name, "parent": None if model == self.base_name else self.base_name}
 
+    def issue_token(self, user: str, ttl_s: int) -> dict:
+        if not self.keys.tokens.secrets:
+            raise APIError(403, "token issuing is disabled: no P2P_TOKEN_SECRET is configured", code="tokens_disabled")
+        token, expires = self.keys.tokens.issue(user, ttl_s)
+        return {"object": "token", "token": token, "user": user, "expires_at": expires}
+
+    def check_health(self) -> None:
+        """Ray Serve calls this every few seconds; raising has the replica replaced (a dead or stuck engine)."""
+        self.engine.check()
+
     def health(self, detailed: bool) -> dict:
+        try:
+            self.engine.check()
+        except EngineDead as exc:
+            raise APIError(503, "unhealthy: " + (str(exc) if detailed else "the engine is not running"),
+                           type="server_error", code="unhealthy") from None
         if not detailed:
             return {"status": "ok"}
         return {"status": "ok", "base": self.base_name, "hypernet_id": self.hypernet_id,
-                "auth": "open" if self.keys.open else "keys", "batching": self.engine.batching,
+                "auth": "open" if self.keys.open else "keys",
+                "user_tokens": self.keys.tokens.enabled, "batching": self.engine.batching,
                 "requests": dict(self.requests), "engine": self.engine.snapshot()}

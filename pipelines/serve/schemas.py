@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from p2p.errors import P2PError
 from p2p.generation.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from pipelines.serve.tokens import MAX_TTL_S
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP, MAX_STOP_CHARS = 4, 256
@@ -31,9 +32,13 @@ class Limits:
     max_tokens: int = 512  # generated tokens per choice (also the chat default when none is asked)
     max_choices: int = 16  # prompts x n in one request
     max_history_items: int = 1000  # items in one adapter build
+    max_request_tokens: int = 32768  # choices x (prompt + max_tokens): what one request may make the engine hold
+    max_waiting: int = 256  # sequences queued for the engine beyond the running batch; more is 429
+    request_timeout_s: int = 300  # a request still generating after this is ended with a 503
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_choices", "max_history_items"):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_choices", "max_history_items",
+                     "max_request_tokens", "max_waiting", "request_timeout_s"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise P2PError(f"serve limit {name} must be a positive integer, got {value!r}")
@@ -211,3 +216,11 @@ class AdapterRequest(Closed):
     history: Annotated[list[HistoryItem], Field(min_length=1)]
     updated_at: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     replace: bool = False  # an existing user's adapter is replaced only when this is true (else 409)
+
+
+class TokenRequest(Closed):
+    """`POST /v1/tokens` (admin key): an end-user token for one user id (pipelines/serve/tokens.py)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"user": "u1", "ttl_s": 3600}]})
+    user: Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8)]
+    ttl_s: Annotated[int, Field(gt=0, le=MAX_TTL_S)] = 3600

@@ -10,6 +10,8 @@ Each method blocks: callers run it with `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +21,16 @@ from p2p.model.lora import UserAdapter
 from p2p.model.peft_format import adapter_from_files
 from p2p.personalize import Personalizer, StoredAdapters
 from p2p.store import AdapterNotFound, AdapterStore, StoreError, StoreUnavailable
+from p2p.store.errors import LeaseHeld
+from p2p.store.tombstones import user_hash
 
 NOT_FOUND, BROKEN, UNAVAILABLE = "not found", "broken", "unavailable"
+DELETE_WAIT_S = 5.0  # a delete waits this long for a refresh's lease, then is 503 with the user tombstoned
+TOMBSTONES_RECHECK_S = 5.0  # how stale this replica's view of the deleted users may be
+
+
+class StoreBusy(P2PError):
+    """Another job (a refresh, gc) holds the store's lease: the request is 503 with Retry-After."""
 
 
 class StoreDown(P2PError):
@@ -51,6 +61,9 @@ class StoreAccess:
         self.adapters = StoredAdapters(self.store)
         self.uri = uri
         self.hypernet_id = hypernet_id or self._default_hypernet()
+        self._deleted: set[str] = set()
+        self._deleted_at = -float("inf")
+        self._deleted_lock = threading.Lock()
 
     def _default_hypernet(self) -> str:
         committed = self._call(self.store.current)
@@ -67,6 +80,8 @@ class StoreAccess:
 
     def load(self, user_id: str) -> Loaded:
         """The user's adapter; a missing one is `Loaded()`, a broken one `Loaded(error=...)`."""
+        if self.is_deleted(user_id):
+            return Loaded()
         try:
             files, row = self.adapters.read(user_id, self.hypernet_id)
             adapter, _ = adapter_from_files(files)
@@ -81,6 +96,8 @@ class StoreAccess:
 
     def row(self, user_id: str) -> dict | None:
         """The manifest or on-demand row the server would use for this user, or None."""
+        if self.is_deleted(user_id):
+            return None
         try:
             return self._call(self.store.adapter_row, user_id, self.hypernet_id)
         except StoreError:  # an unreadable on-demand record: `load` reports it as this user's broken adapter
@@ -91,8 +108,29 @@ class StoreAccess:
         return self._call(self.store.write_on_demand, self.hypernet_id, user_id, files, profile_hash, embedding)
 
     def delete(self, user_id: str) -> int:
-        """Forget the user in the store (every adapter version, every hypernet); manifest rows removed."""
-        return self._call(self.store.delete_users, [user_id])
+        """Forget the user in the store (every adapter version, every hypernet); manifest rows removed.
+
+        While a refresh holds the lease the rows cannot be rewritten: the user is tombstoned at once
+        (no replica serves them from the next tombstone check, no refresh or build brings them back)
+        and the caller retries for the rest (`StoreBusy`).
+        """
+        try:
+            removed = self._call(self.store.delete_users, [user_id], DELETE_WAIT_S)
+        except LeaseHeld:
+            self._call(self.store.tombstones.add, [user_id])
+            self._deleted.add(user_hash(user_id))
+            raise StoreBusy("the user is deleted (no longer served), but another job (a refresh or gc) holds the "
+                            "store; retry to remove their stored rows") from None
+        self._deleted.add(user_hash(user_id))
+        return removed
+
+    def is_deleted(self, user_id: str) -> bool:
+        """Whether the user is tombstoned, as of at most `TOMBSTONES_RECHECK_S` ago (one listing per period)."""
+        with self._deleted_lock:
+            if time.monotonic() - self._deleted_at >= TOMBSTONES_RECHECK_S:
+                self._deleted = self._call(self.store.tombstones.hashes)
+                self._deleted_at = time.monotonic()
+            return user_hash(user_id) in self._deleted
 
     def ping(self) -> None:
         """Fail here, in one line, if the store cannot be read."""

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from p2p.generation import decoding
 from p2p.generation.decoding import decode
-from p2p.generation.engine import Delta, Engine, Job
+from p2p.generation.engine import Delta, Engine, EngineBusy, EngineDead, Job
 from p2p.generation.sampling import RowSampler, SamplingParams, choose
 from p2p.model.adapted import AdaptedModel
 from p2p.model.hypernet import load_hypernet
@@ -197,6 +198,77 @@ def test_async_stream_yields_every_job_and_bad_jobs_are_refused(setup):
         engine.close()
 
 
+def test_a_join_that_fails_half_way_leaves_the_running_rows_intact(setup, monkeypatch):
+    """Out of memory while merging the newcomers' KV cache, after some layers: the running row decodes on."""
+    adapted, adapters, prompts = setup
+    pad_left, calls = decoding._pad_left, [0]
+
+    def failing_pad_left(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # layer 0's keys and values are done; layer 1's keys fail
+            raise torch.OutOfMemoryError("injected")
+        return pad_left(*args, **kwargs)
+
+    merge = decoding._merge
+
+    def counted_merge(*args):
+        calls[0] = 0
+        return merge(*args)
+
+    monkeypatch.setattr(decoding, "_pad_left", failing_pad_left)
+    monkeypatch.setattr(decoding, "_merge", counted_merge)
+    running = Job(prompts[0], adapters[0], SamplingParams(max_tokens=12))
+    newcomer = Job(prompts[2], adapters[1], SamplingParams(max_tokens=4))
+    out, stats = run_schedule(adapted, [running, newcomer], [0, 2])
+    monkeypatch.setattr(decoding, "_pad_left", pad_left)
+    assert out.deltas[1][-1].finish_reason == "error" and stats["failed"] == 1
+    assert out.tokens(0) == decode(adapted, [prompts[0]], [12], [adapters[0]]).tokens[0]
+
+
+def test_a_dead_loop_fails_its_callers_and_a_stuck_or_full_one_says_so(setup, monkeypatch):
+    adapted, adapters, prompts = setup
+    engine = Engine(adapted)
+    engine.check()
+    monkeypatch.setattr(engine, "_drop_cancelled", lambda: (_ for _ in ()).throw(MemoryError("injected")))
+    out = Collector()
+    out.expected = 1
+    engine.submit(Job(prompts[0], None, SamplingParams(max_tokens=4)), out.emit(0))
+    assert out.done.wait(60), "the caller of a dead loop waited forever"
+    assert out.deltas[0][-1].finish_reason == "error"
+    with pytest.raises(EngineDead, match="MemoryError"):
+        engine.check()
+    with pytest.raises(EngineDead):
+        engine.submit(Job(prompts[0], None, SamplingParams(max_tokens=4)), out.emit(1))
+    engine.close()
+    # Stuck: one step running past stuck_s fails the check; a full queue refuses the next sequence.
+    release, inside = threading.Event(), threading.Event()
+
+    def hold(rows):
+        inside.set()
+        release.wait(60)
+
+    engine = Engine(adapted, on_step=hold, stuck_s=0.2, max_waiting=2)
+    try:
+        out = Collector()
+        out.expected = 3
+        engine.submit(Job(prompts[0], None, SamplingParams(max_tokens=2)), out.emit(0))
+        assert inside.wait(60)
+        threading.Event().wait(0.4)
+        with pytest.raises(EngineDead, match="stuck_s"):
+            engine.check()
+        for i in (1, 2):
+            engine.submit(Job(prompts[1], None, SamplingParams(max_tokens=2)), out.emit(i))
+        with pytest.raises(EngineBusy, match="limit is 2"):
+            engine.submit(Job(prompts[1], None, SamplingParams(max_tokens=2)), out.emit(3))
+        engine.on_step = None
+        release.set()
+        assert out.done.wait(60)
+        engine.check()  # healthy again once the step ends
+    finally:
+        release.set()
+        engine.close()
+
+
 def test_sampler_penalties_top_p_and_validation():
     logits = torch.tensor([[0.0, 3.0, 2.5, -1.0]])
     plain = RowSampler(SamplingParams())
@@ -211,6 +283,9 @@ def test_sampler_penalties_top_p_and_validation():
     assert choose(logits, [frequent])[0].token == 2  # 3.0 - 0.6 < 2.5
     nucleus = [RowSampler(SamplingParams(temperature=5.0, top_p=1e-6, seed=s)) for s in range(20)]
     assert {c.token for c in choose(logits.repeat(20, 1), nucleus)} == {1}
+    # A top_p that float32 rounds to 0 (schemathesis found 5e-324: a 503) is greedy, not an empty distribution.
+    tiniest = [RowSampler(SamplingParams(temperature=1.0, top_p=5e-324, seed=s)) for s in range(5)]
+    assert {c.token for c in choose(logits.repeat(5, 1), tiniest)} == {1}
     wide = [RowSampler(SamplingParams(temperature=5.0, seed=s)) for s in range(40)]
     assert len({c.token for c in choose(logits.repeat(40, 1), wide)}) > 1
     for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(seed=2**64), dict(max_tokens=0),

@@ -13,7 +13,16 @@ from test_store import _cli, _write, make_store
 
 from p2p.model.hypernet import load_hypernet
 from p2p.personalize import Personalizer, publish_hypernet
-from p2p.store import AdapterStore, Lease, LeaseHeld, StoreDamaged, layout, new_run_id
+from p2p.store import (
+    AdapterStore,
+    Lease,
+    LeaseHeld,
+    StoreDamaged,
+    UserDeleted,
+    adapter_store,
+    layout,
+    new_run_id,
+)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -140,10 +149,71 @@ def test_a_holder_that_lost_its_lease_cannot_commit(store, tiny_hypernet):
     store.commit(hid, first, [part], 1)
     stalled = Lease(store.objects, "stalled run", ttl_s=1, heartbeat_s=3600).acquire()  # stops beating
     time.sleep(1.2)
+    late = new_run_id()
     with Lease(store.objects, "next run", ttl_s=30), pytest.raises(LeaseHeld, match="lost the lease.*'next run'"):
-        store.runs.commit(hid, new_run_id(), [part], 1, stalled)
+        store.runs.commit(hid, late, [part], 1, stalled)
     stalled.release()
     assert AdapterStore(store.uri).current().run_id == first
+    # ...and leaves no commit record that gc would keep or recover promote.
+    assert not store.objects.exists(layout.commit_record(hid, late))
+    assert [c.run_id for c in store.runs.history(hid)] == [first]
+
+
+def test_concurrent_deletes_through_one_store_object_each_hold_the_lease(store, tiny_hypernet, monkeypatch):
+    """A server's threads share one store: a delete that began while another held the lease reused that
+    lease, the first released it, and the second rewrote manifests holding none (a 500, half deleted)."""
+    users = [f"u{i}" for i in range(6)]
+    hid, run_id, part, _ = _write(store, tiny_hypernet, users)
+    store.commit(hid, run_id, [part], len(users))
+    shared, errors, leases, first_holds = AdapterStore(store.uri), [], [], threading.Event()
+    delete_users = adapter_store.delete_users
+
+    def slow_delete(store_, ids, lease):  # the first delete holds the lease while the others begin
+        leases.append(lease)
+        first_holds.set()
+        time.sleep(0.5)
+        return delete_users(store_, ids, lease)
+
+    monkeypatch.setattr(adapter_store, "delete_users", slow_delete)
+
+    def delete(uid):
+        try:
+            shared.delete_users([uid])
+        except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=delete, args=(u,)) for u in users[:3]]
+    threads[0].start()
+    assert first_holds.wait(60)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len({id(lease) for lease in leases}) == 3  # one lease each, taken in turn
+    fresh = AdapterStore(store.uri)
+    assert sorted(fresh.manifest_rows(fresh.current())) == users[3:]
+    assert all(fresh.is_deleted(u) for u in users[:3])
+    Lease(store.objects, "after the deletes").acquire().release()  # nobody left holding it
+
+
+def test_an_on_demand_build_that_races_a_delete_is_undone(store, tiny_hypernet, monkeypatch):
+    """The delete lands after the build checked the tombstones and before it wrote: the build must not win."""
+    hypernet, _ = load_hypernet(tiny_hypernet)
+    hid = publish_hypernet(store, tiny_hypernet)
+    emb = np.random.default_rng(1).standard_normal((1, 384)).astype(np.float32)
+    files = Personalizer(hypernet, hid).files(hypernet.user_adapters(emb)[0])
+    replica, cli = AdapterStore(store.uri), AdapterStore(store.uri)
+    write = replica.write_adapters
+
+    def delete_first(*args, **kwargs):
+        cli.delete_users(["racer"])  # another replica or `p2p store delete-users`, in between
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(replica, "write_adapters", delete_first)
+    with pytest.raises(UserDeleted):
+        replica.write_on_demand(hid, "racer", files, "h-racer", emb[0])
+    assert AdapterStore(store.uri).adapter_row("racer", hid) is None
+    assert not list(store.objects.list(layout.adapter_prefix(hid, "racer")))
 
 
 def test_a_waiting_taker_gets_the_lease_once_released(store):

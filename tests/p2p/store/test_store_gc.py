@@ -75,12 +75,12 @@ def test_gc_frees_what_no_kept_run_points_at(store, tiny_hypernet):
     folders = {layout.adapter_folder_of(rel) for rel in before if rel.startswith("adapters/")}
     assert len(folders - live) == 8 + 2  # 4 nights x 2 old versions; 2 on-demand folders, 1 superseded
 
-    young = collect_garbage(store, store._held_lease("gc"), keep_runs=1, grace_s=3600)
-    assert young.objects == 0  # everything is younger than the grace period
-    dry = collect_garbage(store, store._lease, keep_runs=1, grace_s=0, dry_run=True)
-    assert _listing(store).keys() == before.keys()
-    report = collect_garbage(store, store._lease, keep_runs=1, grace_s=0)
-    store._release_implicit()
+    with store.leased("gc") as lease:
+        young = collect_garbage(store, lease, keep_runs=1, grace_s=3600)
+        assert young.objects == 0  # everything is younger than the grace period
+        dry = collect_garbage(store, lease, keep_runs=1, grace_s=0, dry_run=True)
+        assert _listing(store).keys() == before.keys()
+        report = collect_garbage(store, lease, keep_runs=1, grace_s=0)
     after = _listing(store)
     assert (dry.objects, dry.bytes) == (report.objects, report.bytes)
     assert report.objects == len(before) - len(after)

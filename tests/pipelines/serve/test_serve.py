@@ -19,9 +19,11 @@ from serve_support import ADMIN_KEY, PROMPT, SERVICE_KEY, USERS, Offline, commit
 from p2p.model.files import ADAPTER_WEIGHTS
 from p2p.model.peft_format import adapter_from_files
 from p2p.store import AdapterNotFound, AdapterStore
+from pipelines.serve.tokens import SECRET_ENV, Tokens
 
 SERVICE = {"Authorization": f"Bearer {SERVICE_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+TOKEN_SECRET = "t" * 32
 HISTORY = [{"item_id": f"i{i}", "text": f"A horror film number {i}.", "label": "scary", "ts": 1000 + i} for i in range(5)]
 
 
@@ -36,9 +38,13 @@ def served(ray_cluster, tiny_hypernet, tmp_path_factory):
     run_id = commit(store, tiny_hypernet, USERS, seed=1, scale=20)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(store.uri, recheck_s=0.2, max_batch_size=16, service_key=SERVICE_KEY, admin_key=ADMIN_KEY,
-                        limits=Limits(max_body_bytes=256 * 1024, max_tokens=1000, max_history_items=50)),
-              name="p2p", route_prefix="/", blocking=False)
+    os.environ[SECRET_ENV] = TOKEN_SECRET  # read by build_app in this driver, passed to the replicas
+    try:
+        app = build_app(store.uri, recheck_s=0.2, max_batch_size=16, service_key=SERVICE_KEY, admin_key=ADMIN_KEY,
+                        limits=Limits(max_body_bytes=256 * 1024, max_tokens=1000, max_history_items=50))
+    finally:
+        del os.environ[SECRET_ENV]
+    serve.run(app, name="p2p", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     assert requests.get(f"{url}/healthz", timeout=60).json() == {"status": "ok"}
     yield {"url": url, "store": store, "run_id": run_id, "port": port, "offline": Offline(tiny_hypernet)}
@@ -175,6 +181,45 @@ def test_keys_and_scopes(served):
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
+def test_an_end_user_token_reaches_its_own_user_only(served):
+    url, store, offline = served["url"], served["store"], served["offline"]
+    r = requests.post(f"{url}/v1/tokens", json={"user": USERS[0], "ttl_s": 600}, headers=ADMIN, timeout=30)
+    assert r.status_code == 200, r.text
+    assert Tokens((TOKEN_SECRET,)).user_of(r.json()["token"]) == USERS[0] and r.json()["expires_at"] > time.time()
+    assert_error(requests.post(f"{url}/v1/tokens", json={"user": "x"}, headers=SERVICE, timeout=30), 403)
+    mine = {"Authorization": f"Bearer {r.json()['token']}"}
+    # Completions: naming nobody (or the base) means the token's user; naming anyone else is 403 however named.
+    expected = offline.tokens(PROMPT, adapter_of(store, USERS[0]))
+    for body in ({}, {"user": USERS[0]}, {"model": "tiny-random"}, {"model": f"tiny-random:{USERS[0]}"}):
+        answer = complete(url, headers=mine, **body).json()
+        assert answer["user"] == USERS[0] and answer["choices"][0]["token_ids"] == expected, body
+    for body, headers in (({"user": USERS[1]}, {}), ({"model": f"tiny-random:{USERS[1]}"}, {}),
+                          ({}, {"serve_multiplexed_model_id": USERS[1]})):
+        assert_error(complete(url, headers={**mine, **headers}, **body), 403, "wrong_user")
+    chat = requests.post(f"{url}/v1/chat/completions", headers=mine, timeout=60,
+                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": USERS[1]})
+    assert_error(chat, 403, "wrong_user")
+    # The user endpoints: their own record and adapter, nobody else's, and no tokens for anyone.
+    assert requests.get(f"{url}/v1/users/{USERS[0]}", headers=mine, timeout=30).json()["adapter"]["user_id"] == USERS[0]
+    for method, path in (("GET", f"/v1/users/{USERS[1]}"), ("DELETE", f"/v1/users/{USERS[1]}"),
+                         ("POST", f"/v1/users/{USERS[1]}/adapter")):
+        assert_error(requests.request(method, url + path, headers=mine, json={"history": HISTORY}, timeout=30),
+                     403, "wrong_user")
+    assert store.adapter_row(USERS[1]) is not None  # the refused delete deleted nothing
+    assert_error(requests.post(f"{url}/v1/tokens", json={"user": USERS[1]}, headers=mine, timeout=30), 403)
+    assert requests.get(f"{url}/healthz", headers=mine, timeout=30).json() == {"status": "ok"}
+    # A new user's app builds their own adapter with their token, then gets it.
+    newcomer = {"Authorization": f"Bearer {Tokens((TOKEN_SECRET,)).issue('tok-user', 60)[0]}"}
+    r = requests.post(f"{url}/v1/users/tok-user/adapter", json={"history": HISTORY}, headers=newcomer, timeout=120)
+    assert r.status_code == 200, r.text
+    assert complete(url, headers=newcomer).json()["personalized"] is True
+    # Tokens that do not verify are 401 with a reason, not a fall-back to no key.
+    expired = Tokens((TOKEN_SECRET,)).issue(USERS[0], 1, now=time.time() - 60)[0]
+    assert_error(complete(url, headers={"Authorization": f"Bearer {expired}"}), 401, "invalid_token", "expired")
+    foreign = Tokens(("f" * 32,)).issue(USERS[0], 60)[0]
+    assert_error(complete(url, headers={"Authorization": f"Bearer {foreign}"}), 401, "invalid_token")
+
+
 def _raw_post(port: int, path: str, headers: dict, body_prefix: bytes) -> bytes:
     """POST announcing a 50 MB body but sending only its first bytes; return the response head."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -236,6 +281,24 @@ def test_delete_forgets_the_user(served):
     with pytest.raises(AdapterNotFound):
         store.read_adapter(uid)
     assert_error(requests.delete(f"{url}/v1/users/{uid}", headers=ADMIN, timeout=60), 404)
+
+
+def test_a_delete_while_a_refresh_holds_the_store_is_503_and_the_user_stops_being_served(served):
+    url, store = served["url"], served["store"]
+    uid = USERS[6]
+    assert complete(url, uid).json()["personalized"] is True
+    with store.leased("refresh (the test's)"):
+        t = time.monotonic()
+        r = requests.delete(f"{url}/v1/users/{uid}", headers=ADMIN, timeout=120)
+        assert time.monotonic() - t < 30  # it once waited 60 s, then answered 500 LeaseHeld
+        assert_error(r, 503, "store_busy")
+        assert int(r.headers["retry-after"]) > 0 and store.uri not in r.text
+        assert store.is_deleted(uid)  # tombstoned at once: no refresh or build brings them back
+        assert complete(url, uid).json()["personalized"] is False
+    r = requests.delete(f"{url}/v1/users/{uid}", headers=ADMIN, timeout=120)  # the retry finishes it
+    assert r.status_code == 200 and r.json()["manifest_rows_removed"] == 1
+    with pytest.raises(AdapterNotFound):
+        store.read_adapter(uid)
 
 
 # --- bad input -----------------------------------------------------------------------------------
