@@ -3,6 +3,7 @@
 # install while pyproject.toml and requirements.lock are unchanged. `make lock` regenerates the
 # lock from pyproject.toml's direct pins in a throw-away environment.
 PYTHON ?= python3.11
+GPU_PYTHON ?= python3  # make gpu-check: the image's own Python
 VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := requirements.lock
@@ -10,7 +11,7 @@ LOCK := requirements.lock
 TOOLS := pip==26.3 setuptools==84.2.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-16)
 
-.PHONY: demo test test-fast install lock
+.PHONY: demo test test-fast install lock gpu-check
 
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
@@ -32,6 +33,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -m "not slow and not integration"
+
+# On a GPU machine with a plain PyTorch image (torch, transformers, peft, safetensors, numpy): no
+# venv, no install, no network. `make test` runs the same script in CPU test mode (--tiny).
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
 
 install: $(STAMP)
 

@@ -2,7 +2,8 @@
 
     synth users -> p2p profiles (Ray Data) -> p2p train (Ray Train + DeepSpeed ZeRO-2, 2 workers)
     -> p2p refresh into a file:// store (Ray Data) -> p2p serve (Ray Serve, HTTP)
-    -> two held-out users' answers next to the base model's -> p2p eval (base, prompt, oppu, p2p)
+    -> held-out users who should answer one question differently, and their answers -> p2p eval (base, rule,
+    shuffled, oppu, p2p)
 
 One local Ray cluster runs every step; it is shut down at the end, on errors and on Ctrl-C.
 Outputs stay in P2P_DEMO_DIR (default ./demo-output). Sizes: P2P_DEMO_USERS (300),
@@ -38,18 +39,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def held_out_tag_examples(data: str, n: int) -> list[dict]:
+def contrasting_users(data: str, n: int = 3) -> tuple[str, list[tuple[str, str]]]:
+    """One held-out tag question and up to `n` held-out users whose own tag for its genre differs.
+
+    The synthetic benchmark knows each user's tag for a genre (the reference's `ceiling`, from the
+    hidden persona), so the demo can pick users who should answer the same question differently.
+    Returns (question, [(user id, that user's tag for the genre)]).
+    """
     from p2p.data.schemas import read_table
 
     examples = read_table(os.path.join(data, "examples"), "examples").to_pylist()
-    picked, users = [], set()
+    reference = {r["example_id"]: r for r in read_table(os.path.join(data, "reference"), "reference").to_pylist()}
+    by_genre: dict[str, dict[str, tuple[str, dict]]] = {}  # genre -> own tag -> (user, example)
     for e in examples:
-        if e["split"] == "test_id" and e["task"] == "tag" and e["user_id"] not in users:
-            picked.append(e)
-            users.add(e["user_id"])
-        if len(picked) == n:
-            break
-    return picked
+        if e["split"] == "test_id" and e["task"] == "tag":
+            ref = reference[e["example_id"]]
+            by_genre.setdefault(ref["rule_key"], {}).setdefault(ref["ceiling"], (e["user_id"], e))
+    genre = max(sorted(by_genre), key=lambda g: len(by_genre[g]))
+    picked = sorted(by_genre[genre].items())[:n]
+    question = picked[0][1][1]["input"]
+    return question, [(user, tag) for tag, (user, _) in picked]
 
 
 def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = False) -> int:
@@ -102,21 +111,22 @@ def run(out: str, users: int, steps: int | None, eval_users: int, tiny: bool = F
     url = start(store, port=port)
     requests.get(f"{url}/healthz", timeout=300).raise_for_status()
     print(f"    {url} is up")
-    print("\n    Two held-out users (never seen in training), the same kind of question:")
-    for e in held_out_tag_examples(data, 2):
-        question = e["input"].split("\n")[-1]
-        answers = {}
-        for who in (e["user_id"], None):
-            body = {"messages": [{"role": "user", "content": e["input"]}], "max_tokens": 8, "temperature": 0}
-            if who:
-                body["user"] = who
-            answers[who] = requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
-        p = answers[e["user_id"]]
-        print(f"\n    user {e['user_id']}  {question}")
-        print(f"      their own tag:        {e['target']}")
-        text = {who: a["choices"][0]["message"]["content"] for who, a in answers.items()}
-        print(f"      base model:           {text[None]!r}")
-        print(f"      personalized (p2p):   {text[e['user_id']]!r}   (adapter from run {p['adapter']['run_id']})")
+    question, users = contrasting_users(data)
+    print(f"\n    One question, {len(users)} held-out users (never seen in training) whose histories tag this genre "
+          "differently:")
+    print("      " + question.split("\n")[-1])
+
+    def answer(user: str | None) -> dict:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}
+        if user:
+            body["user"] = user
+        return requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+
+    print(f"      {'base model (no user)':<34} {answer(None)['choices'][0]['message']['content']!r}")
+    for user, own_tag in users:
+        reply = answer(user)
+        print(f"      {'user ' + user + ' (tags it ' + repr(own_tag) + ')':<34} "
+              f"{reply['choices'][0]['message']['content']!r}   personalized (p2p), run {reply['adapter']['run_id']}")
     from ray import serve
 
     serve.shutdown()

@@ -35,15 +35,3 @@ def display(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The path as a user would type it: plain for local files, `s3://...` otherwise."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
-def read_local_files(folder: str, names: tuple[str, ...], what: str) -> dict[str, bytes]:
-    """{name: bytes} of the named files of a local folder; a missing one names the folder and what it is not."""
-    missing = [name for name in names if not os.path.exists(os.path.join(folder, name))]
-    if missing:
-        raise P2PError(f"{folder}: not {what} (needs {', '.join(names)})")
-    out = {}
-    for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out

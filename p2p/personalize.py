@@ -82,9 +82,9 @@ class Personalizer:
         """The adapter of 'no user' (the training mean): the `shared` control's, and OPPU's start."""
         return self.hypernet.user_adapters(self.hypernet.shared_embedding()[None])[0]
 
-    def files(self, adapter: UserAdapter) -> dict[str, bytes]:
+    def files(self, adapter: UserAdapter, dtype: str = "float32") -> dict[str, bytes]:
         """One user's PEFT folder as {file name: bytes}, tagged with the hypernet that made it."""
-        return peft_files(adapter, self.hypernet.config, metadata={"hypernet_id": self.hypernet_id})
+        return peft_files(adapter, self.hypernet.config, metadata={"hypernet_id": self.hypernet_id}, dtype=dtype)
 
     def adapters_from_rows(self, rows: list[dict]) -> list[UserAdapter]:
         """Embeddings-only store rows -> adapters in one pass, each row checked (hypernet id, digest) first."""

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="regenerate every user")
     p.add_argument("--mode", default=None, choices=["adapters", "embeddings"],
                    help="adapters: a PEFT folder per user (default); embeddings: embeddings only, adapters made on a miss")
+    p.add_argument("--adapter-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="adapters mode: the stored weights' dtype (bfloat16: half the bytes; add --full to convert a store)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--embed-actors", type=int, default=None)
     p.add_argument("--generate-actors", type=int, default=None)

@@ -65,6 +65,7 @@ class RefreshConfig(StrictConfig):
     store: Given  # adapter store root: a path, file://... or s3://bucket/prefix
     full: bool = False  # regenerate every user, not only those whose profile or hypernet changed
     mode: Literal[MODES] = "adapters"  # adapters: a PEFT folder per user; embeddings: embeddings only, adapters made on a miss
+    adapter_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: half the bytes per user (with --full to convert)
     batch_size: Positive = 64  # users per block through profile, embed and generate
     embed_actors: Positive = 1  # encoder actors (one model each; one per GPU on a cluster)
     generate_actors: Positive = 1  # hypernet actors, each writing its users' PEFT folders
@@ -145,8 +146,8 @@ class EmbedChanged(EmbedProfiles):
 class GenerateAndWrite:
     """Writer actor: the block's new rows (adapters: one hypernet pass + PEFT folders), then one manifest part."""
 
-    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int):
-        self.store = AdapterStore(store)
+    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int, dtype: str = "float32"):
+        self.store, self.dtype = AdapterStore(store), dtype
         self.personalizer = Personalizer.from_store(self.store, hypernet_id) if mode == "adapters" else None
         self.hypernet_id, self.run_id, self.mode, self.dim = hypernet_id, run_id, mode, dim
 
@@ -191,7 +192,7 @@ class GenerateAndWrite:
             return {r["user_id"]: embedding_row(r["user_id"], self.hypernet_id, r["profile_hash"], e, now)
                     for r, e in zip(ok, embeddings, strict=True)}, failures
         adapters = self.personalizer.from_embeddings(embeddings) if ok else []
-        items = [(r["user_id"], self.personalizer.files(a), r["profile_hash"], e)
+        items = [(r["user_id"], self.personalizer.files(a, self.dtype), r["profile_hash"], e)
                  for r, a, e in zip(ok, adapters, embeddings, strict=True)]
         return {row["user_id"]: row for row in self.store.write_adapters(self.hypernet_id, self.run_id, items)}, failures
 
@@ -236,7 +237,7 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
                                 compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
             ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
                 "store": config.store, "hypernet_id": hypernet_id, "run_id": run.run_id, "mode": config.mode,
-                "dim": hconf.embed_dim}, batch_format="pyarrow", batch_size=config.batch_size,
+                "dim": hconf.embed_dim, "dtype": config.adapter_dtype}, batch_format="pyarrow", batch_size=config.batch_size,
                 compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors), **store_remote_args())
             parts, rows = _drain(ds, summary, len(input_ids), start)
 

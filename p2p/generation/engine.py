@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from p2p.generation.decoding import DecodeBatch
+from p2p.generation.label_choice import LabelChooser
 from p2p.generation.sampling import RowSampler, SamplingParams, TokenChoice
 from p2p.generation.text_stream import TextStream
 from p2p.model.adapted import AdaptedModel
@@ -70,6 +71,7 @@ class Job:
     prompt: list[int]
     adapter: UserAdapter | None
     params: SamplingParams
+    labels: tuple[str, ...] | None = None  # constrained: the answer is the likeliest of these, scored whole
 
 
 @dataclass(eq=False)
@@ -86,6 +88,7 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     max_rows: int = 0  # the largest step this sequence was part of
+    labels: tuple[str, ...] | None = None  # constrained: answered whole by `Engine._choose`, never decoded
 
     def accept(self, choice: TokenChoice, batch_rows: int) -> bool:
         self.max_rows = max(self.max_rows, batch_rows)
@@ -158,6 +161,9 @@ class Engine:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         seq = Sequence(job.prompt, job.adapter, RowSampler(job.params),
                        TextStream(self.tokenizer, job.params.stop, context=job.prompt), emit, self.adapted.eos_id)
+        seq.labels = job.labels
+        if job.labels is not None and not job.labels:
+            raise ValueError("a constrained job needs at least one label")
         with self._cond:
             if self.dead is not None:
                 raise EngineDead(f"the engine's decode loop died: {self.dead}")
@@ -254,6 +260,9 @@ class Engine:
                 self._joining = newcomers = self._admit()
             self._working_since = time.monotonic()
             self._drop_cancelled()
+            if any(s.labels for s in newcomers):
+                self._choose([s for s in newcomers if s.labels])
+                newcomers = [s for s in newcomers if not s.labels]
             if newcomers:
                 self._join(newcomers)
             self._joining = []
@@ -280,6 +289,23 @@ class Engine:
             else:
                 out.append(seq)
         return out
+
+    def _choose(self, seqs: list[Sequence]) -> None:
+        """Answer the constrained sequences at once (one prompt pass and one row per label each), on this
+        thread: a forward sets the adapters on the shared model's modules."""
+        for seq in seqs:
+            if seq.cancelled:
+                continue
+            try:
+                label = LabelChooser(self.adapted, seq.labels).choose(seq.prompt, seq.adapter)
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep the loop
+                log.exception("p2p engine: scoring %d labels failed", len(seq.labels))
+                self._fail([seq], f"label scoring failed: {type(exc).__name__}: {exc}")
+                continue
+            seq.finish_reason = "stop"
+            seq._send(Delta(text=label, finish_reason="stop", batch_rows=1))
+            with self._cond:
+                self.stats["finished"] += 1
 
     def _drop_cancelled(self) -> None:
         gone = [r for r in self._batch.rows if r.cancelled]

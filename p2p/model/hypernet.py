@@ -40,9 +40,8 @@ from safetensors.torch import load, save
 from torch import nn
 
 from p2p.errors import P2PError
-from p2p.fs import read_local_files
 from p2p.model.files import CHECKPOINT_CONFIG as CONFIG_FILE
-from p2p.model.files import CHECKPOINT_FILES
+from p2p.model.files import CHECKPOINT_FILES, read_local_files
 from p2p.model.files import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
 from p2p.model.lora import AdapterBatch, UserAdapter, find_targets, split_users
 

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load, save
 
 from p2p.errors import P2PError
-from p2p.fs import read_local_files
-from p2p.model.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_FILES
+from p2p.model.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_FILES, read_local_files
 from p2p.model.hypernet import HypernetConfig
 from p2p.model.lora import UserAdapter
 
@@ -29,8 +28,18 @@ def peft_key(path: str, which: str) -> str:
     return f"base_model.model.{path}.lora_{which}.weight"
 
 
-def peft_files(adapter: UserAdapter, config: HypernetConfig, metadata: dict[str, str] | None = None) -> dict[str, bytes]:
-    """The PEFT folder of an adapter shaped by `config` (base model, rank, scale, modules, layers)."""
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def peft_files(adapter: UserAdapter, config: HypernetConfig, metadata: dict[str, str] | None = None,
+               dtype: str = "float32") -> dict[str, bytes]:
+    """The PEFT folder of an adapter shaped by `config` (base model, rank, scale, modules, layers).
+
+    `dtype="bfloat16"` halves the bytes per user; PEFT and vLLM load bf16 safetensors as they are,
+    and `adapter_from_files` widens them back to float32 (each value within bf16's rounding, 2^-8).
+    """
+    if dtype not in ADAPTER_DTYPES:
+        raise P2PError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {dtype!r}")
     # lazy: peft imports transformers (~3 s); every Ray task that only plans or embeds would pay it
     from peft import LoraConfig  # lazy: see above
     layers_to_transform = None
@@ -51,8 +60,8 @@ def peft_files(adapter: UserAdapter, config: HypernetConfig, metadata: dict[str,
     config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.to_dict().items()}
     tensors = {}
     for path, (a, b) in sorted(adapter.items()):
-        tensors[peft_key(path, "A")] = a.detach().to("cpu", torch.float32).contiguous()
-        tensors[peft_key(path, "B")] = b.detach().to("cpu", torch.float32).contiguous()
+        tensors[peft_key(path, "A")] = a.detach().to("cpu", ADAPTER_DTYPES[dtype]).contiguous()
+        tensors[peft_key(path, "B")] = b.detach().to("cpu", ADAPTER_DTYPES[dtype]).contiguous()
     return {
         ADAPTER_CONFIG: json.dumps(config_dict, indent=2, sort_keys=True).encode(),
         ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt", **(metadata or {})}),
@@ -72,13 +81,13 @@ def read_peft_folder(folder: str) -> dict[str, bytes]:
 
 
 def adapter_from_files(files: dict[str, bytes]) -> tuple[UserAdapter, dict]:
-    """`peft_files`'s inverse: JSON + safetensors bytes -> (path -> (A, B), adapter_config)."""
+    """`peft_files`'s inverse: JSON + safetensors bytes -> (path -> (A, B) in float32, adapter_config)."""
     adapter: dict[str, list] = {}
     for key, value in load(files[ADAPTER_WEIGHTS]).items():
         m = _KEY.fullmatch(key)
         if m is None:
             raise P2PError(f"unexpected tensor {key!r} in adapter")
-        adapter.setdefault(m.group(1), [None, None])[0 if m.group(2) == "A" else 1] = value
+        adapter.setdefault(m.group(1), [None, None])[0 if m.group(2) == "A" else 1] = value.float()
     return {p: (ab[0], ab[1]) for p, ab in adapter.items()}, json.loads(files[ADAPTER_CONFIG])
 
 

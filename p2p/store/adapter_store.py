@@ -359,10 +359,16 @@ class AdapterStore:
                 raise
             return None  # an id with no key (empty) has no record
         try:
-            return json.loads(data)
+            record = json.loads(data)
         except ValueError:
             raise AdapterCorrupt(f"on-demand record of user {user_id!r} in {self.uri} is unreadable; "
                                  f"make the adapter again") from None
+        if not isinstance(record, dict) or record.get("user_id") != user_id:
+            # Another id's record under this key (`Alice` and `alice` on a case-insensitive disk, a copied
+            # object): never serve one user another's adapter.
+            raise AdapterCorrupt(f"on-demand record under user {user_id!r} in {self.uri} belongs to another user; "
+                                 f"make the adapter again")
+        return record
 
     def _embedding_of(self, row: dict, index: ManifestIndex | None) -> np.ndarray:
         if "embedding" in row:

@@ -151,10 +151,13 @@ class Lease:
             if held is not None:
                 log.warning("taking over the expired lease of %s from %s", self.objects.uri, held.describe(now))
             version = self.objects.replace(LEASE, data, current[1])
-        if version is None:  # another taker won the race: report it on the next look
+        if version is None:  # another taker won the race, or our own write landed and its retry was refused
             again = self.objects.read_versioned(LEASE)
             held = LeaseRecord.parse(again[0]) if again else None
-            return held if held is not None and held.expires_at > time.time() else self._try_take()
+            if held is not None and held.token == mine.token:
+                version = again[1]  # ours: a client retry of a conditional write that had succeeded
+            else:
+                return held if held is not None and held.expires_at > time.time() else self._try_take()
         with self._guard:
             self.record, self._version, self._lost = mine, version, None
         return None
@@ -169,6 +172,9 @@ class Lease:
             if version is None:
                 current = self.objects.read_versioned(LEASE)
                 other = LeaseRecord.parse(current[0]) if current else None
+                if other is not None and other == record:  # our renewal landed; its retry was refused
+                    self.record, self._version = record, current[1]
+                    return
                 self._lost = f"now held by {other.describe()}" if other else "the lease was removed"
                 log.error("lost the lease of %s: %s", self.objects.uri, self._lost)
                 return

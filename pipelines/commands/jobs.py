@@ -40,7 +40,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     # Validated before Ray starts.
     readmit = user_ids_from(args.readmit, args.readmit_file, "--readmit") or None
     config = load_config(args.config, RefreshConfig, hypernet=args.hypernet, data=args.data, store=args.store,
-                         full=args.full or None, mode=args.mode, batch_size=args.batch_size,
+                         full=args.full or None, mode=args.mode, adapter_dtype=args.adapter_dtype, batch_size=args.batch_size,
                          embed_actors=args.embed_actors, generate_actors=args.generate_actors,
                          create=args.create or None, max_removed_share=args.max_removed_share,
                          allow_mass_removal=args.allow_mass_removal or None, readmit=readmit,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from p2p.model.lora import UserAdapter
 from p2p.task.prompt import chat_prompt
 from pipelines.serve.errors import APIError
 from pipelines.serve.responses import Choice, Responder, sse
-from pipelines.serve.schemas import ChatRequest, CompletionRequest, Limits, Sampling
+from pipelines.serve.schemas import ChatRequest, ChoiceSet, CompletionRequest, Limits, Sampling
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GENERATION_FAILED = "generation failed on this replica (its log has the error); retry"  # no internals to callers
@@ -88,16 +89,21 @@ class Completions:
                       logprobs: int | None):
         n = req.n or 1
         self._check(prompts, budget, n)
-        jobs = [Job(p, target.adapter, self._params(req, budget, logprobs, i * n + j))
+        choice = req.choice_set
+        labels = choice.labels if choice else None
+        if labels and logprobs is not None:
+            raise APIError(400, "logprobs are not available with constrained decoding (the answer is scored whole)",
+                           "logprobs")
+        jobs = [Job(p, target.adapter, self._params(req, budget, logprobs, i * n + j), labels)
                 for i, p in enumerate(prompts) for j in range(n)]
         responder = Responder(chat, target.model, self.tokenizer, logprobs is not None, bool(req.return_token_ids))
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._events(jobs, responder, prompt_tokens, include_usage),
+            return StreamingResponse(self._events(jobs, responder, prompt_tokens, include_usage, choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = [Choice() for _ in jobs]
-        async for i, delta in self._deltas(jobs):
+        async for i, delta in self._deltas(jobs, choice):
             if delta.error is not None:
                 raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
             choices[i].add(delta)
@@ -127,12 +133,14 @@ class Completions:
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs)
 
-    async def _deltas(self, jobs: list[Job]) -> AsyncIterator:
+    async def _deltas(self, jobs: list[Job], choice: ChoiceSet | None = None) -> AsyncIterator:
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 async with contextlib.aclosing(self.engine.stream(jobs)) as deltas:
-                    async for item in deltas:
-                        yield item
+                    async for i, delta in deltas:
+                        if choice is not None and delta.error is None:  # the label, as the format asked
+                            delta = dataclasses.replace(delta, text=choice.render(delta.text))
+                        yield i, delta
         except TimeoutError:  # closing the stream above cancelled its rows
             raise APIError(503, f"the request was still generating after {self.limits.request_timeout_s} s",
                            type="server_error", code="request_timeout") from None
@@ -148,13 +156,13 @@ class Completions:
             raise APIError(400, str(exc), "prompt") from None
 
     async def _events(self, jobs: list[Job], responder: Responder, prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, choice: ChoiceSet | None = None) -> AsyncIterator[str]:
         generated = 0
         try:
             if responder.chat:
                 for i in range(len(jobs)):
                     yield sse(responder.opening(i))
-            async for i, delta in self._deltas(jobs):
+            async for i, delta in self._deltas(jobs, choice):
                 if delta.error is not None:
                     raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
                 generated += delta.token is not None

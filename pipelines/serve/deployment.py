@@ -63,8 +63,9 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> st
     """Start Serve's HTTP proxy on host:port and deploy the app; returns the base URL once it answers."""
     StoreAccess(store, kwargs.get("hypernet_id"))  # an unreachable or empty store fails here, in one line
     ensure_ray()
+    logs.to_file("ray.serve")  # configured on `import ray.serve`: else "Started Serve in namespace" reaches the terminal
     serve.start(http_options={"host": host, "port": port})
-    logs.to_file("ray.serve")  # Serve configured its driver logger just now
+    logs.to_file("ray.serve")  # and again, should serve.start configure it anew
     serve.run(build_app(store, **kwargs), name="p2p", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 

@@ -10,6 +10,7 @@ silently ignored. Explicit nulls mean "default", as in OpenAI's API.
 
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -60,6 +61,64 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(check_utf8)]
 
 
+MAX_CHOICES_IN_SET = 256  # labels one constrained request may offer (each is scored by one forward row)
+
+
+@dataclass(frozen=True)
+class ChoiceSet:
+    """Constrained decoding: the answer is one of `labels`, the one the user's model finds most likely.
+
+    From vLLM's `guided_choice` (the label as the answer) or OpenAI's `response_format` with a JSON
+    schema that is a string enum (the answer is the JSON string) or an object of one enum property
+    (the answer is that object). Scored whole, each label's tokens after the prompt
+    (p2p/generation/label_choice.py): no sampling, so `temperature` and `n` do not change it.
+    """
+
+    labels: tuple[str, ...]
+    key: str | None = None  # None: plain label; "": a JSON string; else {key: label}
+    json: bool = False
+
+    def render(self, label: str) -> str:
+        if not self.json:
+            return label
+        return _json.dumps(label if not self.key else {self.key: label})
+
+    @classmethod
+    def parse(cls, guided_choice: list[str] | None, response_format: dict | None) -> ChoiceSet | None:
+        if guided_choice is not None:
+            if response_format not in (None, {"type": "text"}):
+                raise ValueError("send guided_choice or response_format, not both")
+            return cls(_labels(guided_choice, "guided_choice"))
+        if response_format in (None, {"type": "text"}):
+            return None
+        if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+            raise ValueError("response_format must be {'type': 'text'} or {'type': 'json_schema', ...}")
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if isinstance(schema, dict) and "enum" in schema and schema.get("type", "string") == "string":
+            return cls(_labels(schema["enum"], "response_format.json_schema.schema.enum"), key="", json=True)
+        props = schema.get("properties") if isinstance(schema, dict) and schema.get("type") == "object" else None
+        if isinstance(props, dict) and len(props) == 1:
+            [(key, prop)] = props.items()
+            if isinstance(prop, dict) and "enum" in prop:
+                return cls(_labels(prop["enum"], f"response_format.json_schema.schema.properties.{key}.enum"),
+                           key=key, json=True)
+        raise ValueError("response_format json_schema: only a string enum, or an object with one enum property, "
+                         "is supported (constrained decoding over a label set)")
+
+
+def _labels(values, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{where} must be a non-empty list of non-empty strings")
+    if len(values) > MAX_CHOICES_IN_SET:
+        raise ValueError(f"{where} has {len(values)} choices; the limit is {MAX_CHOICES_IN_SET}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where} repeats a choice")
+    for v in values:
+        check_utf8(v)
+    return tuple(values)
+
+
 class Closed(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -85,6 +144,7 @@ class Sampling(Closed):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
     return_token_ids: bool | None = None  # vLLM's extension: each choice's generated token ids
+    guided_choice: list | None = None  # vLLM's extension: the answer is one of these (ChoiceSet)
 
     @field_validator("logit_bias")
     @classmethod
@@ -97,6 +157,15 @@ class Sampling(Closed):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def choice_set(self) -> ChoiceSet | None:
+        return ChoiceSet.parse(self.guided_choice, getattr(self, "response_format", None))
+
+    @model_validator(mode="after")
+    def _valid_choice_set(self):
+        self.choice_set  # noqa: B018 - raises ValueError (a 400) for a malformed set
         return self
 
     @property
@@ -189,8 +258,6 @@ class ChatRequest(Sampling):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
         if self.tools or self.tool_choice not in (None, "none"):
             raise ValueError("tools are not supported")
         if self.messages[-1].role != "user":

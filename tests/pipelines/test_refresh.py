@@ -17,6 +17,7 @@ from peft import PeftModel
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
 from p2p.model.base import build_tiny_random
+from p2p.model.files import ADAPTER_WEIGHTS
 from p2p.model.peft_format import adapter_from_files, load_peft
 from p2p.personalize import Personalizer, StoredAdapters
 from p2p.store import AdapterStore
@@ -96,6 +97,18 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
     assert (third.changed, third.written, third.committed) == (0, 0, False)
     assert AdapterStore(uri).current().run_id == second.run_id
     assert not store.fs.exists(store.path(f"manifests/{second.hypernet_id}/PENDING"))
+    if kind == "file":  # --adapter-dtype bfloat16 --full: every user rewritten at half the bytes, same adapter
+        half = _refresh(tiny_hypernet, second_data, uri, full=True, adapter_dtype="bfloat16")
+        assert half.written == N_USERS
+        uid = users[0]
+        files = AdapterStore(uri).read_adapter(uid)[0]
+        got, _ = adapter_from_files(files)
+        want, _ = load_peft(str(tmp_path / "gen" / user_key(uid)))
+        for path in want:
+            for g, w in zip(got[path], want[path], strict=True):
+                assert (g - w).abs().max() <= w.abs().max() * 2**-8  # within bf16 rounding
+        full_size = os.path.getsize(tmp_path / "gen" / user_key(uid) / ADAPTER_WEIGHTS)
+        assert len(files[ADAPTER_WEIGHTS]) < 0.6 * full_size
 
 
 def test_killed_refresh_resumes_and_readers_keep_the_old_run(ray_cluster, data300, tiny_hypernet, tmp_path):

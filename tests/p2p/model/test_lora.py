@@ -14,7 +14,9 @@ from numerics import HYPERNET_DEPTH, assert_same_function
 from numerics import TINY_DEPTH as DEPTH
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
+from p2p.errors import P2PError
 from p2p.model.base import build_tiny_random
+from p2p.model.files import ADAPTER_WEIGHTS
 from p2p.model.hypernet import Hypernetwork, adapter_paths, load_hypernet, make_config, save_hypernet
 from p2p.model.lora import adapters_applied, stack_users, wrap_model
 from p2p.model.peft_format import load_peft, peft_scale, write_peft_folder
@@ -178,6 +180,34 @@ def test_save_peft_then_peft_from_pretrained_gives_same_logits(tiny, tmp_path, u
         with torch.no_grad(), adapters_applied(model, restored, c.layers, peft_scale(config)):
             again = model(input_ids=inputs["input_ids"][i : i + 1], attention_mask=inputs["attention_mask"][i : i + 1]).logits
         assert_same_function(again[0], ours[i], DEPTH, mask=mask, what=f"user {i}: reloaded vs generated")
+
+
+def test_bfloat16_adapters_are_half_the_bytes_and_the_same_adapter_within_bf16_rounding(tiny, tmp_path):
+    model, hypernet = setup(tiny)
+    perturb(hypernet, std=0.2)
+    [adapter] = hypernet.user_adapters(torch.randn(1, 384))
+    personalizer = Personalizer(hypernet, "test")
+    full, half = personalizer.files(adapter), personalizer.files(adapter, "bfloat16")
+    assert len(half[ADAPTER_WEIGHTS]) < 0.55 * len(full[ADAPTER_WEIGHTS])
+    folder = tmp_path / "bf16"
+    write_peft_folder(half, str(folder))
+    loaded, config = load_peft(str(folder))
+    for path, (a, b) in adapter.items():  # exactly the fp32 weights rounded to bf16, widened back
+        assert loaded[path][0].dtype == torch.float32
+        assert torch.equal(loaded[path][0], a.detach().to(torch.bfloat16).float())
+        assert torch.equal(loaded[path][1], b.detach().to(torch.bfloat16).float())
+    # PEFT loads the bf16 folder as it is, and computes what our path computes with the rounded weights.
+    c = hypernet.config
+    inputs = batch(tiny[1], PROMPTS[:1])
+    pm = PeftModel.from_pretrained(build_tiny_random(0), str(folder)).eval()
+    restored = stack_users([loaded], c.layers, adapter_paths(c))
+    with torch.no_grad(), adapters_applied(model, restored, c.layers, peft_scale(config)):
+        ours = model(**inputs).logits
+    with torch.no_grad():
+        ref = pm(**inputs).logits.float()
+    assert_same_function(ours[0], ref[0], DEPTH, mask=inputs["attention_mask"][0], what="bf16 folder: ours vs peft")
+    with pytest.raises(P2PError, match="dtype"):
+        personalizer.files(adapter, "float16")
 
 
 def test_gradients_reach_hypernet_not_base(tiny):

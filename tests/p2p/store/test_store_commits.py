@@ -216,6 +216,22 @@ def test_an_on_demand_build_that_races_a_delete_is_undone(store, tiny_hypernet, 
     assert not list(store.objects.list(layout.adapter_prefix(hid, "racer")))
 
 
+def test_a_lease_write_that_landed_but_whose_retry_was_refused_is_still_ours(store, monkeypatch):
+    """A client retry of a conditional write that had succeeded reads "already exists": the lease is ours."""
+    objects = AdapterStore(store.uri).objects
+    create, replace = objects.create, objects.replace
+    monkeypatch.setattr(objects, "create", lambda rel, data: (create(rel, data), None)[1])
+    lease = Lease(objects, "retried take", ttl_s=30).acquire()  # it once blocked itself for the ttl here
+    assert lease.held
+    monkeypatch.setattr(objects, "replace", lambda rel, data, version: (replace(rel, data, version), None)[1])
+    lease._renew()  # a heartbeat whose retry was refused
+    assert lease.held
+    monkeypatch.setattr(objects, "replace", replace)
+    lease.check()
+    lease.release()
+    Lease(objects, "after it").acquire().release()  # released for real: the next taker gets it at once
+
+
 def test_a_waiting_taker_gets_the_lease_once_released(store):
     holder = Lease(store.objects, "first", ttl_s=30).acquire()
     got = []

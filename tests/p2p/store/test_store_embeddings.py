@@ -12,7 +12,7 @@ from test_store import make_store
 from p2p.model.base import build_tiny_random
 from p2p.model.peft_format import adapter_from_files
 from p2p.personalize import Personalizer, StoredAdapters
-from p2p.store import AdapterCorrupt, AdapterStore, StoreError
+from p2p.store import AdapterCorrupt, AdapterStore, StoreError, layout
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -75,3 +75,15 @@ def test_on_demand_embedding_only_record(store, tiny_hypernet):
     [adapter] = Personalizer(hypernet, hid).adapters_from_rows([row])
     [want] = hypernet.user_adapters(emb[None])
     assert all(torch.equal(adapter[p][0], want[p][0]) for p in want)  # one path, one batch of 1
+
+
+def test_an_on_demand_record_of_another_user_is_never_served(store, tiny_hypernet):
+    """What `Alice` and `alice` sharing one key on a case-insensitive disk (or a copied object) would do."""
+    _, hid, _ = commit_embeddings(store, tiny_hypernet, ["e1"])
+    store.write_on_demand(hid, "alice", None, "h-alice", np.full(384, 0.25, np.float32))
+    data = store.objects.read(layout.on_demand_record(hid, "alice"))
+    store.objects.write(layout.on_demand_record(hid, "bob"), data)  # bob's key, alice's record
+    with pytest.raises(AdapterCorrupt, match="belongs to another user"):
+        AdapterStore(store.uri).adapter_row("bob", hid)
+    assert AdapterStore(store.uri).adapter_row("alice", hid)["user_id"] == "alice"
+

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 
 from p2p.generation.decoding import decode
+from p2p.generation.label_choice import LabelChooser
 from p2p.model.adapted import AdaptedModel
 from p2p.model.base import load_base_model
 from p2p.model.hypernet import load_hypernet
@@ -58,6 +59,9 @@ class Offline:
         text = self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                             add_generation_prompt=True)
         return self.ids(text)
+
+    def label(self, prompt: list[int], labels: list[str], adapter: dict | None) -> str:
+        return LabelChooser(self.adapted, labels).choose(prompt, adapter)
 
     def text(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=True)

@@ -5,6 +5,8 @@ this process with the same model and adapter. The fuzz test runs schemathesis ag
 app's own /openapi.json with a bounded budget and fails on any 5xx.
 """
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -114,6 +116,37 @@ def test_openai_client_errors_are_typed_with_messages(served, client):
         wrong.models.list()
     with pytest.raises(openai.PermissionDeniedError, match="admin"):  # the service key on an admin route
         client.get(f"/users/{USERS[0]}", cast_to=httpx.Response)
+
+
+def test_openai_client_constrained_decoding_answers_the_users_likeliest_label(served, client):
+    """`response_format` with a JSON schema enum (OpenAI) and `guided_choice` (vLLM), scored per user."""
+    store, offline = served["store"], served["offline"]
+    tags = ["scary", "funny", "sad", "epic", "cozy"]
+    question = "Which tag fits this movie: a haunted house at night?"
+    for uid in USERS[:4]:
+        want = offline.label(offline.chat_ids(question), tags, adapter_of(store, uid))
+        as_string = client.chat.completions.create(
+            model=f"{BASE}:{uid}", messages=[{"role": "user", "content": question}],
+            response_format={"type": "json_schema", "json_schema": {"name": "tag", "schema": {"type": "string",
+                                                                                           "enum": tags}}})
+        assert json.loads(as_string.choices[0].message.content) == want
+        as_object = client.chat.completions.create(
+            model=f"{BASE}:{uid}", messages=[{"role": "user", "content": question}],
+            response_format={"type": "json_schema", "json_schema": {"name": "tag", "schema": {
+                "type": "object", "properties": {"tag": {"type": "string", "enum": tags}}, "required": ["tag"]}}})
+        assert json.loads(as_object.choices[0].message.content) == {"tag": want}
+        guided = client.completions.create(model=f"{BASE}:{uid}", prompt=PROMPT, max_tokens=4,
+                                           extra_body={"guided_choice": tags})
+        assert guided.choices[0].text == offline.label(offline.ids(PROMPT), tags, adapter_of(store, uid))
+    stream = client.chat.completions.create(model=f"{BASE}:{USERS[0]}", messages=[{"role": "user", "content": question}],
+                                            stream=True, extra_body={"guided_choice": tags})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in tags
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}}},
+                {"type": "json_object"}):
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], response_format=bad)
+    with pytest.raises(openai.BadRequestError, match="repeats"):
+        client.completions.create(model=BASE, prompt="hi", extra_body={"guided_choice": ["a", "a"]})
 
 
 def test_langchain_chat_openai_invoke_and_stream(served):
