@@ -21,6 +21,7 @@ from p2p.errors import P2PError
 # `p2p --help` and argument errors answer at once and a command loads only what it uses (torch,
 # transformers and Ray together take ~8 s to import).
 COMMANDS = {"info": "models", "complete": "models", "init-hypernet": "hypernet", "generate": "hypernet",
+            "export-device": "hypernet",
             "synth": "data", "import-lamp": "data", "profiles": "jobs", "train": "jobs", "refresh": "jobs",
             "serve": "jobs", "eval": "evaluate", "store": "store", "token": "token"}  # store fetch / export: "adapters"
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--users", default=None, help="comma-separated user ids (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("export-device", help="the hypernet for users' devices: embedding -> PEFT adapter, torch only")
+    p.add_argument("--hypernet", required=True, help="hypernet checkpoint folder (e.g. RUN/best)")
+    p.add_argument("--out", required=True, help="artifact folder (hypernet.pt2, device.json, adapter_config.json)")
 
     p = sub.add_parser("profiles", help="Ray Data: users -> profile text -> embedding -> profiles Parquet")
     p.add_argument("--data", required=True, help="data directory with users/ (local or s3://)")

@@ -7,7 +7,8 @@ import argparse
 import torch
 
 from p2p.model.base import load_base_model
-from p2p.model.hypernet import Hypernetwork, make_config, save_hypernet
+from p2p.model.device_export import export_for_device
+from p2p.model.hypernet import Hypernetwork, load_hypernet, make_config, save_hypernet
 from p2p.personalize import Personalizer
 from p2p.profile.encoder import ProfileEncoder
 
@@ -36,3 +37,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                                   batch_size=args.batch_size)
     print(f"wrote {n} adapters to {args.out}")
     return 0
+
+
+def cmd_export_device(args: argparse.Namespace) -> int:
+    hypernet, hid = load_hypernet(args.hypernet)
+    folder = export_for_device(hypernet, args.out)
+    print(f"device artifact of hypernet {hid}: {folder} (load with p2p.model.device_export.adapter_on_device: "
+          f"torch only)")
+    return 0
+

@@ -17,7 +17,14 @@ from pipelines.serve import errors
 from pipelines.serve.auth import ADMIN, ADMIN_ENV, SERVICE, SERVICE_ENV, Guard
 from pipelines.serve.errors import SafeJSONResponse
 from pipelines.serve.replica import Replica
-from pipelines.serve.schemas import AdapterRequest, ChatRequest, CompletionRequest, TokenRequest, check_utf8
+from pipelines.serve.schemas import (
+    AdapterRequest,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    TokenRequest,
+    check_utf8,
+)
 from pipelines.serve.users import MULTIPLEX_HEADER
 
 DESCRIPTION = f"""Personalized completions: one LoRA adapter per user, made by a hypernetwork.
@@ -92,6 +99,15 @@ def build_api(server: Replica) -> FastAPI:
         """
         server.count("adapters_built")
         return await server.build_adapter(server.own(request.state.user, user_id), req)
+
+    @app.post("/v1/users/{user_id}/embedding", **admin)
+    async def adapter_from_embedding(user_id: UserId, req: EmbeddingRequest, request: Request):
+        """Make a user's adapter from the profile embedding their device computed: the history stays there.
+
+        An existing user's adapter is replaced only with `"replace": true` (else 409).
+        """
+        server.count("adapters_from_embeddings")
+        return await server.adapter_from_embedding(server.own(request.state.user, user_id), req)
 
     @app.get("/v1/users/{user_id}", **admin)
     async def user_info(user_id: UserId, request: Request):

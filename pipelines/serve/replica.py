@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import time
 import weakref
 
+import numpy as np
 import pyarrow as pa
 
 from p2p.data.schemas import USERS, DataError, validate
@@ -28,7 +30,7 @@ from p2p.store import UserDeleted
 from pipelines.serve.auth import Keys
 from pipelines.serve.completions import Completions, Target
 from pipelines.serve.errors import APIError
-from pipelines.serve.schemas import AdapterRequest, Limits
+from pipelines.serve.schemas import AdapterRequest, EmbeddingRequest, Limits
 from pipelines.serve.store_access import DELETE_WAIT_S, StoreAccess, StoreBusy, StoreDown
 from pipelines.serve.users import KeyedLocks, Slot, resolve_user
 
@@ -117,7 +119,7 @@ class Replica:
         return user_id
 
     async def build_adapter(self, user_id: str, req: AdapterRequest) -> dict:
-        """Make (or, with `replace`, remake) a user's adapter; one build per user at a time in this replica."""
+        """Make (or, with `replace`, remake) a user's adapter from a history; one build per user at a time here."""
         if len(req.history) > self.limits.max_history_items:
             raise APIError(400, f"history has {len(req.history)} items; the limit is {self.limits.max_history_items}",
                            "history", "history_too_long")
@@ -127,19 +129,34 @@ class Replica:
             validate(pa.Table.from_pylist([row], schema=USERS), "users", "request")
         except (DataError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise APIError(400, str(exc), "history") from None
+        return await self._store_adapter(user_id, req.replace, "history", lambda: self._personalize(user_id, history))
+
+    async def adapter_from_embedding(self, user_id: str, req: EmbeddingRequest) -> dict:
+        """The private path: the device sends only its profile embedding (features), never the history."""
+        dim = self.personalizer.hypernet.config.embed_dim
+        if len(req.embedding) != dim:
+            raise APIError(400, f"embedding has {len(req.embedding)} values; this hypernet reads {dim}", "embedding",
+                           "embedding_dimension")
+        embedding = np.asarray(req.embedding, np.float32)
+        if not np.isfinite(embedding).all():  # finite as JSON, but beyond float32's range
+            raise APIError(400, "embedding values must fit in float32", "embedding")
+        return await self._store_adapter(user_id, req.replace, "embedding",
+                                         lambda: self._from_embedding(user_id, embedding, req.store))
+
+    async def _store_adapter(self, user_id: str, replace: bool, param: str, make) -> dict:
         async with self._user_locks.hold(user_id):
             existing = await self._store(self.store.row, user_id)
-            if existing is not None and not req.replace:
+            if existing is not None and not replace:
                 raise APIError(409, f"user {user_id!r} already has an adapter (run {existing.get('run_id')}); "
                                     "send \"replace\": true to replace it", "replace", "adapter_exists")
             try:
-                record, seconds = await asyncio.to_thread(self._personalize, user_id, history)
+                record, seconds = await asyncio.to_thread(make)
             except StoreDown as exc:
                 raise APIError(503, f"adapter store unavailable: {exc}", code="store_unavailable") from None
             except UserDeleted as exc:
                 raise APIError(409, str(exc), "user_id", "user_deleted") from None
             except P2PError as exc:
-                raise APIError(400, str(exc), "history") from None
+                raise APIError(400, str(exc), param) from None
             await self._refresh_cached(user_id)
         return {"user_id": user_id, "adapter": record, "seconds": seconds, "replaced": existing is not None}
 
@@ -155,6 +172,18 @@ class Replica:
         record = self.store.write_on_demand(user_id, files, profile.hash, emb[0])
         t3 = time.perf_counter()
         return record, {"profile_and_embed": t1 - t0, "generate": t2 - t1, "store": t3 - t2}
+
+    def _from_embedding(self, user_id: str, embedding: np.ndarray, keep: str) -> tuple[dict, dict]:
+        """Embedding -> adapter -> store (or the embedding alone, made into an adapter on each load)."""
+        t0 = time.perf_counter()
+        profile_hash = "device:" + hashlib.sha256(embedding.tobytes()).hexdigest()[:32]
+        files = None
+        if keep == "adapter":
+            [adapter] = self.personalizer.from_embeddings(embedding[None])
+            files = self.personalizer.files(adapter)
+        t1 = time.perf_counter()
+        record = self.store.write_on_demand(user_id, files, profile_hash, embedding)
+        return record, {"generate": t1 - t0, "store": time.perf_counter() - t1}
 
     async def user_record(self, user_id: str) -> dict:
         row = await self._store(self.store.row, user_id)

@@ -291,3 +291,18 @@ class TokenRequest(Closed):
     model_config = ConfigDict(json_schema_extra={"examples": [{"user": "u1", "ttl_s": 3600}]})
     user: Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8)]
     ttl_s: Annotated[int, Field(gt=0, le=MAX_TTL_S)] = 3600
+
+
+class EmbeddingRequest(Closed):
+    """`POST /v1/users/{id}/embedding`: the private mode, where the history never leaves the device.
+
+    The device builds its profile and embedding itself (p2p.profile: the label statistics and, with
+    an encoder, the text embedding) and sends only the vector. `store`: "adapter" makes and stores
+    the PEFT folder now; "embedding" stores only the vector (the adapter is made on each load).
+    """
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"embedding": [0.0, 0.1], "replace": False}]})
+    embedding: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=65536)]
+    replace: bool = False
+    store: Literal["adapter", "embedding"] = "adapter"
+

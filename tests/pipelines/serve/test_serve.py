@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+import numpy as np
 import pytest
 import requests
 from serve_support import ADMIN_KEY, PROMPT, SERVICE_KEY, USERS, Offline, commit, free_port
@@ -268,6 +269,34 @@ def test_on_demand_adapter_replace_flag_and_concurrent_builds(served):
     versions = store.fs.ls(store.path(store.adapter_prefix(store.current().hypernet_id, "crowd")))
     assert len(versions) == 1
     assert requests.get(f"{url}/v1/users/crowd", headers=ADMIN, timeout=30).json()["adapter"]["source"] == "on-demand"
+
+
+def test_a_device_sends_only_its_embedding_and_gets_the_same_adapter(served):
+    """The private mode: no history reaches the server, and the adapter equals the library's for that vector."""
+    url, store, offline = served["url"], served["store"], served["offline"]
+    dim = offline.hypernet.config.embed_dim
+    rng = np.random.default_rng(7)
+    for uid, keep in (("device-a", "adapter"), ("device-b", "embedding")):
+        emb = rng.standard_normal(dim).astype(np.float32)
+        r = requests.post(f"{url}/v1/users/{uid}/embedding", headers=ADMIN, timeout=120,
+                          json={"embedding": emb.tolist(), "store": keep})
+        assert r.status_code == 200, r.text
+        assert (r.json()["adapter"]["adapter_uri"] is None) == (keep == "embedding")
+        [want] = offline.hypernet.user_adapters(emb[None])
+        body = complete(url, uid).json()
+        assert body["personalized"] is True and body["choices"][0]["token_ids"] == offline.tokens(PROMPT, want)
+        assert "history" not in store.adapter_row(uid)  # the store never saw one
+    r = requests.post(f"{url}/v1/users/device-a/embedding", headers=ADMIN, timeout=60, json={"embedding": [0.0] * dim})
+    assert_error(r, 409, "adapter_exists")
+    assert_error(requests.post(f"{url}/v1/users/device-c/embedding", headers=ADMIN, timeout=60,
+                               json={"embedding": [0.0] * (dim - 1)}), 400, "embedding_dimension")
+    assert_error(requests.post(f"{url}/v1/users/device-c/embedding", headers=ADMIN, timeout=60,
+                               json={"embedding": [1e39] * dim}), 400, "embedding")
+    other = {"Authorization": f"Bearer {Tokens((TOKEN_SECRET,)).issue('device-d', 60)[0]}"}
+    assert_error(requests.post(f"{url}/v1/users/device-c/embedding", headers=other, timeout=60,
+                               json={"embedding": [0.0] * dim}), 403, "wrong_user")
+    assert requests.post(f"{url}/v1/users/device-d/embedding", headers=other, timeout=60,
+                         json={"embedding": [0.0] * dim}).status_code == 200  # a user's own device, with its token
 
 
 def test_delete_forgets_the_user(served):
