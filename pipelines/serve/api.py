@@ -22,6 +22,7 @@ from pipelines.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenRequest,
     check_utf8,
 )
@@ -81,6 +82,13 @@ def build_api(server: Replica) -> FastAPI:
         server.count("chat")
         target = await server.target(req.model, req.user, request.headers.get(MULTIPLEX_HEADER), request.state.user)
         return await server.completions.chat(req, target)
+
+    @app.post("/v1/responses", **service)
+    async def responses(req: ResponsesRequest, request: Request):
+        """OpenAI's Responses API for text: `input` (a string or messages), `instructions`, streaming events."""
+        server.count("responses")
+        target = await server.target(req.model, req.user, request.headers.get(MULTIPLEX_HEADER), request.state.user)
+        return await server.completions.response(req, target)
 
     @app.get("/v1/models", **service)
     async def models():

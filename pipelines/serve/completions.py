@@ -22,7 +22,15 @@ from p2p.model.lora import UserAdapter
 from p2p.task.prompt import chat_prompt
 from pipelines.serve.errors import APIError
 from pipelines.serve.responses import Choice, Responder, sse
-from pipelines.serve.schemas import ChatRequest, ChoiceSet, CompletionRequest, Limits, Sampling
+from pipelines.serve.responses_api import ResponseWriter
+from pipelines.serve.schemas import (
+    ChatRequest,
+    ChoiceSet,
+    CompletionRequest,
+    Limits,
+    ResponsesRequest,
+    Sampling,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GENERATION_FAILED = "generation failed on this replica (its log has the error); retry"  # no internals to callers
@@ -52,6 +60,42 @@ class Completions:
         budget = req.budget or min(self.limits.max_tokens, self.context - len(prompt))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await self._answer(req, target, [prompt], budget, chat=True, logprobs=logprobs)
+
+    async def response(self, req: ResponsesRequest, target: Target):
+        """OpenAI's Responses API: the chat turn `req` stands for, said as a response object or its events."""
+        chat = req.as_chat()
+        [prompt] = await asyncio.to_thread(lambda: self._encode([self._chat_text(chat)]))
+        budget = chat.budget or min(self.limits.max_tokens, self.context - len(prompt))
+        self._check([prompt], budget, 1)
+        choice = chat.choice_set
+        jobs = [Job(prompt, target.adapter, self._params(chat, budget, None, 0), choice.labels if choice else None)]
+        writer = ResponseWriter(target.model, req.model_dump(exclude_none=True), target.extras)
+        if req.stream:
+            return StreamingResponse(self._response_events(jobs, writer, len(prompt), choice),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        answer = Choice()
+        async for _, delta in self._deltas(jobs, choice):
+            if delta.error is not None:
+                raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
+            answer.add(delta)
+        return writer.response(answer.text, answer.finish_reason, len(prompt), len(answer.tokens))
+
+    async def _response_events(self, jobs: list[Job], writer: ResponseWriter, prompt_tokens: int,
+                               choice: ChoiceSet | None) -> AsyncIterator[str]:
+        answer = Choice()
+        try:
+            for event in writer.opening():
+                yield event
+            async for _, delta in self._deltas(jobs, choice):
+                if delta.error is not None:
+                    raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
+                answer.add(delta)
+                if delta.text:
+                    yield writer.delta(delta.text)
+            for event in writer.closing(answer.text, answer.finish_reason, prompt_tokens, len(answer.tokens)):
+                yield event
+        except APIError as exc:  # the status line is already sent: the error is an event
+            yield writer.failure(exc.body()["error"])
 
     # --- prompts ---------------------------------------------------------------------------------
 

@@ -306,3 +306,67 @@ class EmbeddingRequest(Closed):
     replace: bool = False
     store: Literal["adapter", "embedding"] = "adapter"
 
+
+
+class InputText(Closed):
+    type: Literal["input_text", "output_text", "text"]
+    text: Text
+
+
+class InputMessage(Closed):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[InputText], Field(min_length=1)]
+    type: Literal["message"] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponsesRequest(Closed):
+    """`POST /v1/responses` (OpenAI's Responses API), text in and text out: one chat turn underneath.
+
+    `input` is a string (the user's turn) or a list of messages; `instructions` becomes the system
+    message; `text.format` may be a JSON-schema enum (constrained decoding, as in chat). Nothing is
+    stored server-side, so `store: true` and `previous_response_id` are refused, not ignored.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"input": "Which tag fits this movie?",
+                                                               "user": "u0000042", "max_output_tokens": 8}]})
+    model: Annotated[str, Field(max_length=1024), AfterValidator(check_utf8)] | None = None
+    input: Text | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: Text | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    stream: bool | None = None
+    user: Name | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    text: dict | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.store:
+            raise ValueError("store: true is not supported (this server keeps no responses); send store: false")
+        if self.previous_response_id is not None:
+            raise ValueError("previous_response_id is not supported (no responses are stored); send the turns in input")
+        self.as_chat()  # the chat request's own checks (last turn is the user's, text.format)
+        return self
+
+    def as_chat(self) -> ChatRequest:
+        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else \
+            [{"role": m.role, "content": m.text} for m in self.input]
+        if self.instructions:
+            turns.insert(0, {"role": "system", "content": self.instructions})
+        fmt = (self.text or {}).get("format")
+        response_format = None
+        if fmt not in (None, {"type": "text"}):  # Responses puts the schema beside name/type, not under json_schema
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+                raise ValueError("text.format must be {'type': 'text'} or a json_schema")
+            response_format = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+        return ChatRequest.model_validate(
+            {"model": self.model, "messages": turns, "max_tokens": self.max_output_tokens,
+             "temperature": self.temperature, "top_p": self.top_p, "user": self.user, "stream": self.stream,
+             "response_format": response_format}, strict=False)

@@ -149,6 +149,33 @@ def test_openai_client_constrained_decoding_answers_the_users_likeliest_label(se
         client.completions.create(model=BASE, prompt="hi", extra_body={"guided_choice": ["a", "a"]})
 
 
+def test_openai_client_responses_api_text_and_streaming(served, client):
+    store, offline = served["store"], served["offline"]
+    uid = USERS[1]
+    want = offline.text(offline.tokens(offline.chat_ids(PROMPT), adapter_of(store, uid), max_tokens=6))
+    plain = client.responses.create(model=f"{BASE}:{uid}", input=PROMPT, max_output_tokens=6, temperature=0)
+    assert plain.output_text == want and plain.status in ("completed", "incomplete")
+    assert plain.usage.input_tokens == len(offline.chat_ids(PROMPT)) and plain.usage.output_tokens <= 6
+    as_messages = client.responses.create(model=f"{BASE}:{uid}", input=[{"role": "user", "content": PROMPT}],
+                                          max_output_tokens=6, temperature=0)
+    assert as_messages.output_text == want
+    events = list(client.responses.create(model=f"{BASE}:{uid}", input=PROMPT, max_output_tokens=6, temperature=0,
+                                          stream=True))
+    assert events[0].type == "response.created" and [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    # 6 tokens end it by length: OpenAI's last event is then response.incomplete, else response.completed
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == want == events[-1].response.output_text
+    tags = ["scary", "funny", "sad"]
+    constrained = client.responses.create(model=f"{BASE}:{uid}", input=PROMPT, text={"format": {
+        "type": "json_schema", "name": "tag", "schema": {"type": "string", "enum": tags}}})
+    assert json.loads(constrained.output_text) == offline.label(offline.chat_ids(PROMPT), tags, adapter_of(store, uid))
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model=BASE, input="hi", previous_response_id="resp_1")
+    with pytest.raises(openai.BadRequestError, match="store"):
+        client.responses.create(model=BASE, input="hi", store=True)
+
+
 def test_langchain_chat_openai_invoke_and_stream(served):
     from langchain_openai import ChatOpenAI
 
