@@ -43,14 +43,16 @@ PROMPT = "Write a one-line review of a quiet cafe."
 MODES = ("static", "continuous")
 
 
-def build_store(root: str, users: int) -> AdapterStore:
-    model, _ = load_base_model("smollm2-135m")
-    config = make_config(model, "smollm2-135m", "minilm", 384, top_k_layers=8)
+def build_store(root: str, users: int, base: str = "smollm2-135m", noise: float = 1e-3,
+                top_k_layers: int | None = 8) -> tuple[AdapterStore, Hypernetwork]:
+    """A committed file:// store of `users` adapters from a hypernet with random weights (`noise` sizes them)."""
+    model, _ = load_base_model(base)
+    config = make_config(model, base, "minilm", 384, top_k_layers=top_k_layers)
     torch.manual_seed(0)
     hypernet = Hypernetwork(config)
     with torch.no_grad():
         for p in hypernet.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
+            p.add_(torch.randn_like(p) * noise)
     save_hypernet(hypernet, f"{root}/hn")
     store = AdapterStore(f"file://{root}/store")
     hid = publish_hypernet(store, f"{root}/hn")
@@ -61,7 +63,7 @@ def build_store(root: str, users: int) -> AdapterStore:
              for i, (a, e) in enumerate(zip(hypernet.user_adapters(emb), emb, strict=True))]
     part = store.write_manifest_part(hid, run_id, store.write_adapters(hid, run_id, items), 384)
     store.commit(hid, run_id, [part], users)
-    return store
+    return store, hypernet
 
 
 def schedule(n: int, mean_gap_s: float, short: int, long: int, seed: int) -> list[tuple[float, str, int]]:
@@ -134,7 +136,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="bench-serve-")
-    store = build_store(root, users=args.requests)
+    store, _ = build_store(root, users=args.requests)
     plan = schedule(args.requests, args.mean_gap_ms / 1000, args.short, args.long, args.seed)
 
     from ray import serve
