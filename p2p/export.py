@@ -35,7 +35,7 @@ from p2p.model.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from p2p.model.peft_format import peft_scale
 from p2p.personalize import StoredAdapters
 from p2p.store import AdapterStore
-from p2p.userkey import user_key
+from p2p.userkey import check_no_case_collisions, user_key
 
 LAYOUTS = ("vllm",)
 INDEX = "p2p_export.json"
@@ -102,6 +102,9 @@ def export_vllm(store: AdapterStore, out: str, base_model: str | None = None, us
         users = sorted(store.manifest_rows(committed))
     fs, root = filesystem(out)
     root = root.rstrip("/")
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:  # a local disk may fold case; S3 does not
+        check_no_case_collisions(users, f"store export --out {out}")
     result = Exported(display(fs, root), "", hid)
     stored = StoredAdapters(store)
     for uid in users:

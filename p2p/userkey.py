@@ -33,3 +33,16 @@ def user_key(user_id: str) -> str:
 def shard_of(user_id: str, shards: int = 256) -> str:
     """A stable two-hex-digit prefix that spreads keys (S3 limits PUTs per prefix)."""
     return f"{hashlib.sha256(user_id.encode()).digest()[0] % shards:02x}"
+
+
+def check_no_case_collisions(user_ids: list[str], where: str) -> None:
+    """Refuse ids whose keys differ only in case (`Alice`, `alice`): one folder on a case-insensitive disk
+    (macOS, Windows), where the second would overwrite the first."""
+    seen: dict[str, str] = {}
+    for uid in user_ids:
+        folded = user_key(uid).casefold()
+        if folded in seen and seen[folded] != uid:
+            raise P2PError(f"{where}: user ids {seen[folded]!r} and {uid!r} differ only in case, so their folders "
+                           f"would be one on a case-insensitive disk; fetch or export them to separate folders")
+        seen[folded] = uid
+

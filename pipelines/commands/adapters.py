@@ -10,7 +10,7 @@ from p2p.errors import P2PError
 from p2p.export import export_vllm, vllm_command
 from p2p.personalize import StoredAdapters
 from p2p.store import AdapterStore
-from p2p.userkey import user_key
+from p2p.userkey import check_no_case_collisions, user_key
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         if not (users and args.out):
             raise P2PError("store fetch needs --users (or --users-file) and --out")
+        check_no_case_collisions(users, f"store fetch --out {args.out}")
         stored = StoredAdapters(store)
         for uid in users:
             folder = os.path.join(args.out, user_key(uid))  # escaped as `p2p generate` does: never outside --out

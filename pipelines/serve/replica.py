@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import time
 import weakref
 
@@ -33,6 +34,9 @@ from pipelines.serve.errors import APIError
 from pipelines.serve.schemas import AdapterRequest, EmbeddingRequest, Limits
 from pipelines.serve.store_access import DELETE_WAIT_S, StoreAccess, StoreBusy, StoreDown
 from pipelines.serve.users import KeyedLocks, Slot, resolve_user
+
+log = logging.getLogger("ray.serve")
+STORE_UNAVAILABLE = "adapter store unavailable; retry (the replica's log has the error)"  # no store paths to callers
 
 
 class Replica:
@@ -79,6 +83,8 @@ class Replica:
 
     async def load_slot(self, user_id: str) -> Slot:
         slot = Slot(user_id, await self._store(self.store.load, user_id), time.monotonic())
+        if slot.loaded.error is not None:
+            log.warning("p2p serve: adapter of user %r unreadable: %s", user_id, slot.loaded.error)
         self._slots[user_id] = slot
         return slot
 
@@ -152,7 +158,8 @@ class Replica:
             try:
                 record, seconds = await asyncio.to_thread(make)
             except StoreDown as exc:
-                raise APIError(503, f"adapter store unavailable: {exc}", code="store_unavailable") from None
+                log.warning("p2p serve: adapter store unavailable: %s", exc)
+                raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
             except UserDeleted as exc:
                 raise APIError(409, str(exc), "user_id", "user_deleted") from None
             except P2PError as exc:
@@ -213,7 +220,8 @@ class Replica:
         try:
             return await asyncio.to_thread(fn, *args)
         except StoreDown as exc:
-            raise APIError(503, f"adapter store unavailable: {exc}", code="store_unavailable") from None
+            log.warning("p2p serve: adapter store unavailable: %s", exc)
+            raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
         except StoreBusy as exc:
             raise APIError(503, str(exc), code="store_busy", headers={"Retry-After": str(int(DELETE_WAIT_S * 6))}) from None
 

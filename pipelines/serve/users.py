@@ -36,6 +36,10 @@ def resolve_user(base: str, model: str | None, user: str | None, header: str | N
     return next(iter(named.values()), None)
 
 
+ADAPTER_ERROR = ("the user's stored adapter is unreadable (missing, or it fails its sha256 check); the base model "
+                 "answered; `p2p refresh --full` rewrites it")
+
+
 @dataclass
 class Slot:
     """One user's entry in the replica's adapter cache; refreshed in place when the store moves on."""
@@ -50,8 +54,8 @@ class Slot:
         row = self.loaded.row
         adapter = None if row is None else {k: row.get(k) for k in ("hypernet_id", "created_at", "run_id", "source")}
         out = {"user": self.user_id, "personalized": self.loaded.adapter is not None, "adapter": adapter}
-        if self.loaded.error is not None:
-            out["adapter_error"] = self.loaded.error
+        if self.loaded.error is not None:  # the detail (paths, digests) is in the replica's log, not the answer
+            out["adapter_error"] = ADAPTER_ERROR
         return out
 
 

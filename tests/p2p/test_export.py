@@ -117,6 +117,13 @@ def test_export_errors_are_one_line(store, tmp_path, capsys):
     assert "needs --out" in capsys.readouterr().err
     assert main(["store", "export", "--store", store.uri, "--out", str(tmp_path), "--users", "nobody"]) == 2
     assert "nobody" in capsys.readouterr().err
+    # `Alice` and `alice` would be one folder on a case-insensitive disk: refused before anything is written.
+    for action in ("export", "fetch"):
+        out = tmp_path / f"case-{action}"
+        assert main(["store", action, "--store", store.uri, "--out", str(out), "--users", "alice,Alice"]) == 2
+        err = capsys.readouterr().err
+        assert "differ only in case" in err and "'Alice'" in err and err.count("\n") == 1
+        assert not out.exists() or not list(out.iterdir())
 
 
 def test_vllm_config_folds_rslora_and_refuses_what_vllm_refuses():
