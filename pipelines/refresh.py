@@ -43,9 +43,11 @@ from p2p.fs import filesystem
 from p2p.personalize import Personalizer, resolve_hypernet
 from p2p.store import AdapterStore
 from p2p.store import layout as store_layout
+from p2p.store.histories import merged
 from p2p.store.manifest import as_embedding_row, embedding_row
 from p2p.store.plan import Planner, check_removals, read_input_ids
 from p2p.store.runs import MODES
+from p2p.userkey import is_user_id
 from pipelines.ingest import EmbedProfiles, profile_texts
 from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
 
@@ -112,10 +114,31 @@ def _timed(batch: pa.Table, stage: str, seconds: float) -> pa.Table:
     return batch.append_column(f"t_{stage}", pa.array([per_row] * len(batch), pa.float64()))
 
 
-def profile_stage(batch: pa.Table, profile: dict, encoder: str) -> pa.Table:
+def profile_stage(batch: pa.Table, profile: dict, encoder: str, store: str | None = None,
+                  with_history: list | None = None) -> pa.Table:
     t = time.perf_counter()
+    keys = ray.get(with_history[0]) if with_history else set()  # one small set per block, from the object store
+    if keys:
+        batch = _with_recorded_events(batch, AdapterStore(store), keys)
     out = profile_texts(batch, profile, encoder)  # text, label features and hash per user
     return _timed(out, "profile", time.perf_counter() - t)
+
+
+def _with_recorded_events(batch: pa.Table, store: AdapterStore, keys: set[str]) -> pa.Table:
+    """Each user's history from the data, plus the items events recorded that it lacks (by item_id), so a
+    night whose data predates an event does not undo it (p2p/store/histories.py)."""
+    ids, histories = batch.column("user_id").to_pylist(), batch.column("history").to_pylist()
+    changed = False
+    for i, uid in enumerate(ids):
+        if is_user_id(uid) and store.histories.has(keys, uid):
+            recorded = store.histories.read(uid)
+            if recorded:
+                histories[i], added = merged(histories[i] or [], recorded)
+                changed |= added > 0
+    if not changed:
+        return batch
+    index = batch.schema.get_field_index("history")
+    return batch.set_column(index, batch.schema.field(index), pa.array(histories, batch.schema.field(index).type))
 
 
 class Plan:
@@ -227,8 +250,11 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
                     "resumable": [ray.put(resumable)] if resumable is not None and len(resumable) else [],
                     "deleted": [ray.put(sorted(d))] if (d := store.tombstones.hashes()) else []}
             ds = ray.data.read_parquet(users, include_paths=True, filesystem=_arrow_fs(users))
-            ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder},
-                                batch_format="pyarrow", batch_size=config.batch_size)
+            keys = store.histories.keys()  # users whose events the server recorded: merged into their history
+            ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder,
+                                                          "store": config.store,
+                                                          "with_history": [ray.put(keys)] if keys else []},
+                                batch_format="pyarrow", batch_size=config.batch_size, **store_remote_args())
             ds = ds.map_batches(Plan, fn_constructor_kwargs={**refs, "mode": config.mode}, batch_format="pyarrow",
                                 batch_size=config.batch_size, compute=ActorPoolStrategy(size=1))
             ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},

@@ -63,8 +63,12 @@ def _frequent_phrases(texts: list[str], n: int = 5) -> list[str]:
     return [g for g, c in sorted(grams.items(), key=lambda kv: (-kv[1], kv[0])) if c >= 2][:n]
 
 
+MAX_DATE_TS = 253_402_300_799  # 9999-12-31T23:59:59Z: past it a timestamp has no calendar date
+
+
 def _date(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d") if ts > 10_000_000 else str(ts)
+    """A date for a unix timestamp; small values (ordinals) and ones past year 9999 stay numbers."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d") if 10_000_000 < ts <= MAX_DATE_TS else str(ts)
 
 
 def summary_lines(history: list[dict], config: ProfileConfig) -> list[str]:

@@ -5,6 +5,7 @@ It composes the protocol's parts and adds what is about adapters:
     runs        RunLog        begin / commit / abandon / current, the pointer files
     manifests   Manifests     manifest parts; ManifestIndex answers "which row is this user's"
     tombstones  Tombstones    deleted users a refresh must not bring back
+    histories   Histories     users' histories as the server knows them (the base of events)
     leased()    Lease         one writer of manifests at a time
 Deletion (p2p.store.deletion) and garbage collection (p2p.store.gc) are functions over it.
 
@@ -44,6 +45,7 @@ from p2p.store.errors import (
     StoreUnavailable,
     UserDeleted,
 )
+from p2p.store.histories import Histories
 from p2p.store.lease import Lease, lease_holder
 from p2p.store.manifest import ManifestIndex, Manifests, embedding_row, row_mode
 from p2p.store.objects import ObjectStore
@@ -71,6 +73,7 @@ class AdapterStore:
         self.runs = RunLog(self.objects)
         self.manifests = Manifests(self.objects)
         self.tombstones = Tombstones(self.objects)
+        self.histories = Histories(self.objects)
         self._index: ManifestIndex | None = None
         self._index_guard = threading.Lock()
         self._held = threading.local()  # each thread its own lease: replicas delete users from many threads

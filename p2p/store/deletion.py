@@ -63,6 +63,8 @@ def delete_users(store, user_ids: list[str], lease: Lease) -> DeletionReport:
     for hid in hypernets:
         for uid in ids:
             report.on_demand_records += store.objects.delete(layout.on_demand_record(hid, uid))
+    for uid in ids:
+        store.histories.delete(uid)  # the history the server kept for events goes with them
 
     removed = _rewrite_parts(store, ids)
     report.parts_rewritten, report.rows_removed = len(removed), sum(removed.values())

@@ -78,6 +78,13 @@ def pending(hypernet_id: str) -> str:
     return f"manifests/{hypernet_id}/PENDING"
 
 
+HISTORIES = "histories"
+
+
+def history_record(user_id: str) -> str:
+    return f"{HISTORIES}/{shard_of(user_id)}/{user_key(user_id)}.json"
+
+
 def on_demand_root(hypernet_id: str) -> str:
     return f"ondemand/{hypernet_id}"
 

@@ -22,6 +22,7 @@ from pipelines.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    EventsRequest,
     ResponsesRequest,
     TokenRequest,
     check_utf8,
@@ -107,6 +108,16 @@ def build_api(server: Replica) -> FastAPI:
         """
         server.count("adapters_built")
         return await server.build_adapter(server.own(request.state.user, user_id), req)
+
+    @app.post("/v1/users/{user_id}/events", **admin)
+    async def add_events(user_id: UserId, req: EventsRequest, request: Request):
+        """New history items for a user: the adapter is rebuilt now and served from the next request.
+
+        Items are merged by `item_id` into the history recorded by the user's last build (409
+        `no_history` when there is none); an item sent twice is added once.
+        """
+        server.count("events")
+        return await server.add_events(server.own(request.state.user, user_id), req)
 
     @app.post("/v1/users/{user_id}/embedding", **admin)
     async def adapter_from_embedding(user_id: UserId, req: EmbeddingRequest, request: Request):

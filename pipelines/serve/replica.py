@@ -31,7 +31,7 @@ from p2p.store import UserDeleted
 from pipelines.serve.auth import Keys
 from pipelines.serve.completions import Completions, Target
 from pipelines.serve.errors import APIError
-from pipelines.serve.schemas import AdapterRequest, EmbeddingRequest, Limits
+from pipelines.serve.schemas import AdapterRequest, EmbeddingRequest, EventsRequest, Limits
 from pipelines.serve.store_access import DELETE_WAIT_S, StoreAccess, StoreBusy, StoreDown
 from pipelines.serve.users import KeyedLocks, Slot, resolve_user
 
@@ -135,7 +135,43 @@ class Replica:
             validate(pa.Table.from_pylist([row], schema=USERS), "users", "request")
         except (DataError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise APIError(400, str(exc), "history") from None
-        return await self._store_adapter(user_id, req.replace, "history", lambda: self._personalize(user_id, history))
+        def build() -> tuple[dict, dict]:
+            record, seconds = self._personalize(user_id, history)
+            self.store.put_history(user_id, history)  # the base later events extend
+            return record, seconds
+
+        return await self._store_adapter(user_id, req.replace, "history", build)
+
+    async def add_events(self, user_id: str, req: EventsRequest) -> dict:
+        """New history items: merged by item_id into the user's recorded history, the adapter rebuilt now.
+
+        Serialized per user in this replica by the user lock, and across replicas by the history
+        record's conditional write; an item sent twice is added once.
+        """
+        items = [h.model_dump() for h in req.items]
+        if len(items) > self.limits.max_history_items:
+            raise APIError(400, f"{len(items)} items; the limit is {self.limits.max_history_items}", "items",
+                           "history_too_long")
+        async with self._user_locks.hold(user_id):
+            t0 = time.perf_counter()
+            extended = await self._store(self.store.extend_history, user_id, items)
+            if extended is None:
+                raise APIError(409, f"no history is recorded for user {user_id!r}; send it once with "
+                                    f"POST /v1/users/{{id}}/adapter", "user_id", "no_history")
+            history, added = extended
+            if len(history) > self.limits.max_history_items:
+                raise APIError(400, f"the history would have {len(history)} items; the limit is "
+                                    f"{self.limits.max_history_items}", "items", "history_too_long")
+            try:
+                record, seconds = await asyncio.to_thread(self._personalize, user_id, history)
+            except UserDeleted as exc:
+                raise APIError(409, str(exc), "user_id", "user_deleted") from None
+            except StoreDown as exc:
+                log.warning("p2p serve: adapter store unavailable: %s", exc)
+                raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
+            await self._refresh_cached(user_id)
+        return {"user_id": user_id, "added": added, "duplicates": len(items) - added, "history_items": len(history),
+                "adapter": record, "seconds": {**seconds, "total": time.perf_counter() - t0}}
 
     async def adapter_from_embedding(self, user_id: str, req: EmbeddingRequest) -> dict:
         """The private path: the device sends only its profile embedding (features), never the history."""

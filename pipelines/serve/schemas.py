@@ -293,6 +293,14 @@ class TokenRequest(Closed):
     ttl_s: Annotated[int, Field(gt=0, le=MAX_TTL_S)] = 3600
 
 
+class EventsRequest(Closed):
+    """`POST /v1/users/{id}/events`: new history items; the user's adapter is rebuilt from the whole history."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"items": [{"item_id": "42", "text": "A haunted house at night.", "label": "horror", "ts": 1700000000}]}]})
+    items: Annotated[list[HistoryItem], Field(min_length=1)]
+
+
 class EmbeddingRequest(Closed):
     """`POST /v1/users/{id}/embedding`: the private mode, where the history never leaves the device.
 

@@ -107,6 +107,15 @@ class StoreAccess:
                         embedding: np.ndarray) -> dict:
         return self._call(self.store.write_on_demand, self.hypernet_id, user_id, files, profile_hash, embedding)
 
+    def history(self, user_id: str) -> list[dict] | None:
+        return self._call(self.store.histories.read, user_id)
+
+    def put_history(self, user_id: str, items: list[dict]) -> None:
+        self._call(self.store.histories.put, user_id, items)
+
+    def extend_history(self, user_id: str, items: list[dict]) -> tuple[list[dict], int] | None:
+        return self._call(self.store.histories.extend, user_id, items)
+
     def delete(self, user_id: str) -> int:
         """Forget the user in the store (every adapter version, every hypernet); manifest rows removed.
 

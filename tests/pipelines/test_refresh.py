@@ -111,6 +111,23 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
         assert len(files[ADAPTER_WEIGHTS]) < 0.6 * full_size
 
 
+def test_a_night_whose_data_predates_an_event_keeps_the_event(ray_cluster, data300, tiny_hypernet, tmp_path):
+    """The server recorded a user's event; the nightly data lacks it: the refresh unions it in, once."""
+    uri = f"file://{tmp_path}/store"
+    _refresh(tiny_hypernet, data300, uri)
+    store = AdapterStore(uri)
+    rows = {r["user_id"]: r["history"] for r in read_table(f"{data300}/users", "users").to_pylist()}
+    uid = sorted(rows)[0]
+    event = {"item_id": "event-1", "text": "A brand new horror film seen today.", "label": "scary", "ts": 1_800_000_000}
+    store.histories.put(uid, rows[uid] + [event])  # what POST .../events leaves behind
+    second = _refresh(tiny_hypernet, data300, uri)
+    assert (second.changed, second.written) == (1, 1)  # that user only: the event is in their profile now
+    embedder = Personalizer.from_checkpoint(tiny_hypernet).embedder
+    [merged] = embedder.profiles([rows[uid] + [event]])
+    assert AdapterStore(uri).adapter_row(uid)["profile_hash"] == merged.hash
+    assert _refresh(tiny_hypernet, data300, uri).changed == 0  # and it is not applied a second time
+
+
 def test_killed_refresh_resumes_and_readers_keep_the_old_run(ray_cluster, data300, tiny_hypernet, tmp_path):
     uri = str(tmp_path / "store")
     first = _refresh(tiny_hypernet, data300, uri)

@@ -54,3 +54,11 @@ def test_lamp_2_tags_are_categories_with_a_bin_each():
     f = profile_features(history, cfg)
     total = len(history)
     assert sorted(round(float(x) * total) for x in f[f > 0]) == list(range(1, len(LAMP_2_TAGS) + 1))
+
+
+def test_a_timestamp_past_year_9999_is_a_number_not_a_crash():
+    """The API accepts any int64 `ts`; a date past 9999 once raised ValueError (a 500 on POST .../adapter)."""
+    history = [{"item_id": "a", "text": "A film.", "label": "scary", "ts": 2**62},
+               {"item_id": "b", "text": "Another.", "label": "scary", "ts": 1_700_000_000}]
+    text = build_profile(history, ProfileConfig())
+    assert str(2**62) in text and "2023-11-14" in text

@@ -45,6 +45,7 @@ class Offline:
 
     def __init__(self, hypernet_dir: str):
         self.hypernet, _ = load_hypernet(hypernet_dir)
+        self.personalizer = Personalizer.from_checkpoint(hypernet_dir)
         model, self.tok = load_base_model("tiny-random")
         self.adapted = AdaptedModel(copy.deepcopy(model), self.tok, self.hypernet.config)
 

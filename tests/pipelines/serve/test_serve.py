@@ -299,6 +299,30 @@ def test_a_device_sends_only_its_embedding_and_gets_the_same_adapter(served):
                          json={"embedding": [0.0] * dim}).status_code == 200  # a user's own device, with its token
 
 
+def test_events_rebuild_the_users_adapter_at_once_and_count_once(served):
+    url, store, offline = served["url"], served["store"], served["offline"]
+    r = requests.post(f"{url}/v1/users/eventful/adapter", json={"history": HISTORY}, headers=ADMIN, timeout=120)
+    assert r.status_code == 200, r.text
+    before = store.adapter_row("eventful")["sha256"]
+    new = [{"item_id": "e1", "text": "A cooking show about bread.", "label": "cozy", "ts": 5000}]
+    r = requests.post(f"{url}/v1/users/eventful/events", json={"items": new}, headers=ADMIN, timeout=120)
+    assert r.status_code == 200, r.text
+    assert (r.json()["added"], r.json()["history_items"]) == (1, len(HISTORY) + 1)
+    after = store.adapter_row("eventful")["sha256"]
+    assert after != before  # rebuilt from the whole history, served from the next request
+    embedder = offline.personalizer.embedder
+    [profile] = embedder.profiles([HISTORY + new])
+    [want] = offline.hypernet.user_adapters(embedder.embed([profile]))
+    assert complete(url, "eventful").json()["choices"][0]["token_ids"] == offline.tokens(PROMPT, want)
+    again = requests.post(f"{url}/v1/users/eventful/events", json={"items": new}, headers=ADMIN, timeout=120)
+    assert again.json()["added"] == 0 and again.json()["duplicates"] == 1  # an event sent twice lands once
+    assert_error(requests.post(f"{url}/v1/users/stranger/events", json={"items": new}, headers=ADMIN, timeout=60),
+                 409, "no_history")
+    other = {"Authorization": f"Bearer {Tokens((TOKEN_SECRET,)).issue('stranger', 60)[0]}"}
+    assert_error(requests.post(f"{url}/v1/users/eventful/events", json={"items": new}, headers=other, timeout=60),
+                 403, "wrong_user")
+
+
 def test_delete_forgets_the_user(served):
     url, store = served["url"], served["store"]
     uid = USERS[5]
