@@ -11,13 +11,13 @@ Reports p50/p95 seconds per event. One replica, one CPU.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 
 import requests
 
 from bench.report import write
+from bench.serve import deploy, start_serve
 
 PROMPT = "Which tag fits this movie: a haunted house at night?"
 
@@ -31,18 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from pipelines.ray_setup import ensure_ray
-    from pipelines.serve import build_app
-
-    ensure_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    port = start_serve()
     try:
-        serve.run(build_app(args.store, service_key="", admin_key=""), name="p2p", route_prefix="/", blocking=False)
-        requests.get(f"{url}/healthz", timeout=600).raise_for_status()
+        url = deploy(port, args.store, service_key="", admin_key="")
         user = f"bench-events-{int(time.time())}"
         genres = ["horror", "comedy", "drama", "action"]
         history = [{"item_id": f"h{i}", "text": f"A {genres[i % 4]} film, number {i}.", "label": genres[i % 4],

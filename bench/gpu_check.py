@@ -34,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from p2p.generation.decoding import decode
 from p2p.model.adapted import AdaptedModel
+from p2p.model.files import ADAPTER_WEIGHTS
 from p2p.model.hypernet import Hypernetwork, adapter_paths, make_config
 from p2p.model.lora import adapters_applied, split_users, stack_users
 from p2p.model.peft_format import adapter_from_files, peft_files, write_peft_folder
@@ -199,7 +200,7 @@ def export_check(reference: LlamaForCausalLM, hconf) -> list[dict]:
             ours = ours_model(input_ids=ids).logits
         error = float((ours - ref).abs().max() / ref.abs().max())
         moved = float((ours - base).abs().max() / base.abs().max())  # else agreeing would prove nothing
-        size = len(files["adapter_model.safetensors"])
+        size = len(files[ADAPTER_WEIGHTS])
         out.append({"check": f"export: PEFT loads the {dtype} folder", "ok": error <= limit < moved,
                     "relative_error": error, "adapter_effect": moved, "bytes": size,
                     "result": f"ours vs PEFT: max difference {error:.1e} of the largest logit (limit {limit:.0e}; "

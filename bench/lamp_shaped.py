@@ -27,6 +27,7 @@ import os
 import random
 from collections import Counter
 
+from p2p.data.synthetic import SENTIMENT_PHRASES
 from p2p.task.registry import LAMP_2_PROMPT, LAMP_2_TAGS, LAMP_3_PROMPT
 
 THEMES = {
@@ -58,18 +59,6 @@ SUBJECTS = ["A young teacher", "Two brothers", "A retired detective", "A struggl
 ACTIONS = ["fights to survive", "searches for the truth", "tries to start over", "uncovers a secret",
            "risks everything", "must make an impossible choice", "returns home", "chases a dream"]
 SPLITS = (("train", 0.7), ("val", 0.1), ("test_id", 0.2))
-SENTIMENT = {
-    1: ["It broke after two days and support never answered.", "Honestly a complete waste of money.",
-        "Terrible quality, I returned it the same week.", "Awful. Nothing about it works as promised."],
-    2: ["It works, but it feels cheap and flimsy.", "Disappointing for the price.",
-        "Several small problems add up to a frustrating experience.", "Not great; I expected much more."],
-    3: ["It is fine, nothing special.", "Does the job, with a few quirks.", "Average quality for an average price.",
-        "Some things I like, some I don't."],
-    4: ["Solid build and works well.", "Really good value, a few minor flaws.", "I am happy with it overall.",
-        "Good quality and easy to use."],
-    5: ["Absolutely perfect, I use it every day.", "Outstanding quality, exceeded every expectation.",
-        "The best purchase I made this year.", "Flawless. I would buy it again in a heartbeat."],
-}
 PRODUCTS = ["blender", "pair of headphones", "backpack", "coffee grinder", "desk lamp", "running shoe", "kettle",
             "phone case", "office chair", "water bottle"]
 
@@ -104,7 +93,7 @@ def history_rule(profile: list[dict], themes: tuple[str, str]) -> str:
 
 
 def review(rng: random.Random, sentiment: int) -> str:
-    return f"I bought this {rng.choice(PRODUCTS)}. {rng.choice(SENTIMENT[sentiment])}"
+    return f"I bought this {rng.choice(PRODUCTS)}. {rng.choice(SENTIMENT_PHRASES[sentiment])}"
 
 
 def rating(rng: random.Random, sentiment: int, offset: int, noise: float) -> int:
@@ -125,7 +114,7 @@ def make_rating_user(rng: random.Random, uid: str, items: int, noise: float) -> 
 
 def offset_rule(profile: list[dict], sentiment: int) -> str:
     """The hand rule: the user's mean shift over their history (text sentiment read off the phrase lists)."""
-    sentiment_of = {phrase: s for s, phrases in SENTIMENT.items() for phrase in phrases}
+    sentiment_of = {phrase: s for s, phrases in SENTIMENT_PHRASES.items() for phrase in phrases}
     shifts = [int(p["score"]) - next(v for k, v in sentiment_of.items() if k in p["text"]) for p in profile]
     return str(min(5, max(1, round(sentiment + sum(shifts) / len(shifts)))))
 

@@ -99,13 +99,19 @@ def one(url: str, user: str, max_tokens: int) -> dict:
 
 
 def run(url: str, plan: list[tuple[float, str, int]]) -> dict:
-    """Send `plan` open-loop (each request at its time, whatever the others do); gather the figures."""
+    """Send `plan` to a server open-loop, each request streamed; gather the figures."""
+    return open_loop(lambda user, max_tokens: one(url, user, max_tokens), plan)
+
+
+def open_loop(ask, plan: list[tuple[float, str, int]]) -> dict:
+    """Each request of `plan` at its time, whatever the others do: `ask(user, max_tokens)` returns its
+    latency, time to first token (NaN when not streamed) and tokens. Tokens/s and latency percentiles."""
     results: list[dict] = [{}] * len(plan)
     start = time.perf_counter() + 0.2
 
     def send(i: int, at: float, user: str, max_tokens: int) -> None:
         time.sleep(max(0.0, start + at - time.perf_counter()))
-        results[i] = one(url, user, max_tokens)
+        results[i] = ask(user, max_tokens)
 
     threads = [threading.Thread(target=send, args=(i, *p)) for i, p in enumerate(plan)]
     for t in threads:
@@ -116,9 +122,47 @@ def run(url: str, plan: list[tuple[float, str, int]]) -> dict:
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(plan), "tokens": tokens, "seconds": round(wall, 2), "tokens/s": round(tokens / wall, 2),
-            "p50 latency ms": round(statistics.median(lat) * 1000), "p95 latency ms": round(_p95(lat) * 1000),
-            "p50 TTFT ms": round(statistics.median(ttft) * 1000), "p95 TTFT ms": round(_p95(ttft) * 1000)}
+    out = {"requests": len(plan), "tokens": tokens, "seconds": round(wall, 2), "tokens/s": round(tokens / wall, 2),
+           "p50 latency ms": round(statistics.median(lat) * 1000), "p95 latency ms": round(_p95(lat) * 1000)}
+    if ttft:
+        out |= {"p50 TTFT ms": round(statistics.median(ttft) * 1000), "p95 TTFT ms": round(_p95(ttft) * 1000)}
+    return out
+
+
+def schedule_args(parser: argparse.ArgumentParser) -> None:
+    """The request-mix options every serving bench shares (see `schedule`)."""
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--mean-gap-ms", type=float, default=600)
+    parser.add_argument("--short", type=int, default=8)
+    parser.add_argument("--long", type=int, default=48)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start_serve() -> int:
+    """A local Ray cluster and Serve's HTTP proxy on a free loopback port; returns the port."""
+    from ray import serve
+
+    from pipelines.ray_setup import ensure_ray
+
+    ensure_ray()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def deploy(port: int, store_uri: str, name: str = "p2p", route_prefix: str = "/", **build_kwargs) -> str:
+    """`p2p serve`'s app over `store_uri` under `route_prefix`; returns its URL once /healthz answers."""
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    serve.run(build_app(store_uri, **build_kwargs), name=name, route_prefix=route_prefix, blocking=False)
+    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    requests.get(f"{url}/healthz", timeout=600).raise_for_status()
+    return url
 
 
 def _p95(xs: list[float]) -> float:
@@ -127,13 +171,8 @@ def _p95(xs: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--mean-gap-ms", type=float, default=600)
-    parser.add_argument("--short", type=int, default=8)
-    parser.add_argument("--long", type=int, default=48)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    schedule_args(parser)
     parser.add_argument("--replica-cpus", type=float, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="bench-serve-")
     store, _ = build_store(root, users=args.requests)
@@ -141,21 +180,12 @@ def main() -> None:
 
     from ray import serve
 
-    from pipelines.ray_setup import ensure_ray
-    from pipelines.serve import build_app
-    ensure_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     rows = []
     try:
         for mode in MODES:
-            serve.run(build_app(store.uri, recheck_s=3600, batching=mode, max_batch_size=args.max_batch_size,
-                                batch_wait_s=0.05, cpus_per_replica=args.replica_cpus),
-                      name=mode, route_prefix=f"/{mode}", blocking=False)
-            url = f"http://127.0.0.1:{port}/{mode}"
-            requests.get(f"{url}/healthz", timeout=600).raise_for_status()
+            url = deploy(port, store.uri, name=mode, route_prefix=f"/{mode}", recheck_s=3600, batching=mode,
+                         max_batch_size=args.max_batch_size, batch_wait_s=0.05, cpus_per_replica=args.replica_cpus)
             for _, user, _ in plan:  # every user's adapter cached, the model warm
                 one(url, user, 1)
             before = requests.get(f"{url}/healthz", timeout=30).json()["engine"]

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ import psutil
 import requests
 
 from bench.report import write
-from bench.serve import build_store
+from bench.serve import build_store, deploy, start_serve
 from p2p.generation.decoding import decode
 from p2p.model.adapted import AdaptedModel
 from p2p.model.base import load_base_model
@@ -45,8 +44,6 @@ from p2p.personalize import Personalizer
 
 PROMPT = "Which tag fits this movie: a haunted house at night?"
 TOKENS = 12
-ERRORS: dict[int, str] = {}  # status -> the first error body seen with it
-summary_distinct = [0]
 
 
 class Expected:
@@ -58,12 +55,16 @@ class Expected:
         self.prompt = self.tok(PROMPT, add_special_tokens=False)["input_ids"]
         self.base = self._tokens(None)
         self.by_user = {u: {self._tokens(a)} for u, a in zip(users, hypernet.user_adapters(embeddings), strict=True)}
+        self.texts = {u: {self._text(t) for t in ts} for u, ts in self.by_user.items()}  # streams carry text
+        self.base_text = self._text(self.base)
 
     def _tokens(self, adapter) -> tuple[int, ...]:
         return tuple(decode(self.adapted, [self.prompt], [TOKENS], [adapter]).tokens[0])
 
     def add(self, user: str, adapter) -> None:
-        self.by_user[user].add(self._tokens(adapter))
+        tokens = self._tokens(adapter)  # new sets, swapped in whole: client threads read them meanwhile
+        self.by_user[user] = self.by_user[user] | {tokens}
+        self.texts[user] = self.texts[user] | {self._text(tokens)}
 
     def verdict(self, user: str, tokens: tuple[int, ...]) -> str:
         if tokens in self.by_user[user]:
@@ -75,35 +76,36 @@ class Expected:
         return "unexplained"
 
     def text_verdict(self, user: str, text: str) -> str:
-        for tokens in self.by_user[user]:
-            if text == self.tok.decode(list(tokens), skip_special_tokens=True):
-                return "own adapter"
-        if text == self.tok.decode(list(self.base), skip_special_tokens=True):
+        """`verdict` for a streamed answer, which carries text, not token ids."""
+        if text in self.texts[user]:
+            return "own adapter"
+        if text == self.base_text:
             return "base model"
-        others = (self.tok.decode(list(t), skip_special_tokens=True)
-                  for o, ts in self.by_user.items() if o != user for t in ts)
-        return "wrong user" if text in set(others) else "unexplained"
+        return "wrong user" if any(text in ts for other, ts in self.texts.items() if other != user) else "unexplained"
+
+    def _text(self, tokens: tuple[int, ...]) -> str:
+        return self.tok.decode(list(tokens), skip_special_tokens=True)
 
 
-def ask(url: str, user: str, stream: bool, expected: Expected) -> tuple[int, str]:
+def ask(url: str, user: str, stream: bool, expected: Expected, errors: dict[int, str]) -> tuple[int, str]:
     body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "user": user, "return_token_ids": True}
     if not stream:
         r = requests.post(f"{url}/v1/completions", json=body, timeout=60)
         if r.status_code != 200:
-            ERRORS.setdefault(r.status_code, r.text[:300])
+            errors.setdefault(r.status_code, r.text[:300])
             return r.status_code, ""
         return 200, expected.verdict(user, tuple(r.json()["choices"][0]["token_ids"]))
     text, failed = "", False
     with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60, stream=True) as r:
         if r.status_code != 200:
-            ERRORS.setdefault(r.status_code, r.text[:300])
+            errors.setdefault(r.status_code, r.text[:300])
             return r.status_code, ""
         for line in r.iter_lines():
             if line.startswith(b"data: {"):
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     failed = True
-                    ERRORS.setdefault(-1, json.dumps(chunk)[:300])
+                    errors.setdefault(-1, json.dumps(chunk)[:300])
                 text += "".join(c.get("text", "") for c in chunk.get("choices", []))
     return (200, "stream error") if failed else (200, expected.text_verdict(user, text))
 
@@ -134,22 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     expected = Expected(hypernet, users, emb)
     distinct = len({t for ts in expected.by_user.values() for t in ts} | {expected.base})
     print(f"serve_faults: {args.users} users, {distinct - 1} distinct user answers (+ the base model's)")
-    summary_distinct[0] = distinct - 1
 
     from ray import serve
 
-    from pipelines.ray_setup import ensure_ray
-    from pipelines.serve import build_app
-
-    ensure_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(store.uri, replicas=args.replicas, recheck_s=1.0, cpus_per_replica=1), name="p2p",
-              route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    requests.get(f"{url}/healthz", timeout=300).raise_for_status()
+    url = deploy(start_serve(), store.uri, replicas=args.replicas, recheck_s=1.0, cpus_per_replica=1)
+    errors: dict[int, str] = {}  # status (0: no response, -1: an error event in a stream) -> its first body
 
     results: list[tuple[float, float, int, str, bool]] = []  # start, seconds, status, verdict, stream
     rss: list[tuple[float, list[int]]] = []
@@ -163,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             user, stream = rng.choice(users), rng.random() < 0.5
             t0 = time.monotonic()
             try:
-                status, verdict = ask(url, user, stream, expected)
+                status, verdict = ask(url, user, stream, expected, errors)
             except requests.RequestException as exc:
                 status, verdict = 0, type(exc).__name__
-                ERRORS.setdefault(0, repr(exc)[:300])
+                errors.setdefault(0, repr(exc)[:300])
             results.append((t0 - start, time.monotonic() - t0, status, verdict, stream))
 
     def faults() -> None:
@@ -228,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(f"{root}/store.away"):
         os.rename(f"{root}/store.away", f"{root}/store")
     serve.shutdown()
-    return report(args, results, rss, events)
+    return report(args, results, rss, events, errors, distinct - 1)
 
 
-def report(args, results, rss, events) -> int:
+def report(args, results, rss, events, errors: dict[int, str], distinct: int) -> int:
     ok = [r for r in results if r[2] == 200]
     latencies = sorted(r[1] for r in ok)
     verdicts = collections.Counter(r[3] for r in ok)
@@ -243,7 +234,7 @@ def report(args, results, rss, events) -> int:
     failures = [f"{r[0]:.1f}s {r[2] or 'conn'}" for r in results if r[2] != 200][:12]
     summary = {
         "seconds": args.seconds, "clients": args.clients, "users": args.users, "replicas": args.replicas,
-        "distinct answers among the users (wrong-user check resolution)": summary_distinct[0],
+        "distinct answers among the users (wrong-user check resolution)": distinct,
         "requests sent": len(results), "answered (200)": len(ok), "wrong user": verdicts.get("wrong user", 0),
         "failed requests (time, status)": ", ".join(failures) or "none",
         "p50 latency ms": round(1000 * latencies[len(latencies) // 2], 1) if latencies else None,
@@ -251,7 +242,7 @@ def report(args, results, rss, events) -> int:
         "replica RSS MiB, first / peak / last": (f"{max(rss[0][1], default=0)} / {peak} / {max(rss[-1][1], default=0)}"
                                                 if rss else None),
         **{f"t={v:.1f}s": k for k, v in sorted(events.items(), key=lambda kv: kv[1])},
-        **{f"first error body, {'stream' if k == -1 else 'connection' if k == 0 else k}": v for k, v in ERRORS.items()},
+        **{f"first error body, {'stream' if k == -1 else 'connection' if k == 0 else k}": v for k, v in errors.items()},
     }
     if "replica killed" in events and "all replicas running again" in events:
         summary["recovery s (kill -> all replicas running)"] = round(

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import queue
-import socket
-import statistics
 import tempfile
 import threading
 import time
 
-import requests
 import torch
 
 from bench.report import write
-from bench.serve import PROMPT, _p95, build_store, one, run, schedule
+from bench.serve import PROMPT, build_store, deploy, one, open_loop, run, schedule, schedule_args, start_serve
 from p2p.model.base import load_base_model
 from p2p.personalize import StoredAdapters
 
@@ -78,35 +75,10 @@ class BatchingPeer:
                 done.set()
 
 
-def run_peer(peer: BatchingPeer, plan: list[tuple[float, str, int]]) -> dict:
-    results: list[dict] = [{}] * len(plan)
-    start = time.perf_counter() + 0.2
-
-    def send(i: int, at: float, user: str, max_tokens: int) -> None:
-        time.sleep(max(0.0, start + at - time.perf_counter()))
-        results[i] = peer.ask(user, max_tokens)
-
-    threads = [threading.Thread(target=send, args=(i, *p)) for i, p in enumerate(plan)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    lat = [r["latency"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(plan), "tokens": tokens, "seconds": round(wall, 2), "tokens/s": round(tokens / wall, 2),
-            "p50 latency ms": round(statistics.median(lat) * 1000), "p95 latency ms": round(_p95(lat) * 1000)}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--mean-gap-ms", type=float, default=600)
-    ap.add_argument("--short", type=int, default=8)
-    ap.add_argument("--long", type=int, default=48)
-    ap.add_argument("--max-batch-size", type=int, default=16)
+    schedule_args(ap)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     root = tempfile.mkdtemp(prefix="bench-peer-")
     store, _ = build_store(root, users=args.requests)
@@ -125,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         peft_model.load_adapter(f"{root}/peft/{user}", adapter_name=user)
     peer = BatchingPeer(peft_model.eval(), tok, adapters=True, max_batch_size=args.max_batch_size)
     peer.ask(users[0], 1)  # warm
-    rows.append({"server": "HF generate + PEFT adapter_names (in-process)", **run_peer(peer, plan)})
+    rows.append({"server": "HF generate + PEFT adapter_names (in-process)", **open_loop(peer.ask, plan)})
     plain, _ = load_base_model("smollm2-135m")
     base_peer = BatchingPeer(plain.eval(), tok, adapters=False, max_batch_size=args.max_batch_size)
     base_peer.ask(users[0], 1)
-    rows.append({"server": "HF generate, base model only (in-process)", **run_peer(base_peer, plan)})
+    rows.append({"server": "HF generate, base model only (in-process)", **open_loop(base_peer.ask, plan)})
     p2p = rows[0]
     for row in rows:
         row["tokens/s vs p2p"] = round(row["tokens/s"] / p2p["tokens/s"], 3)
@@ -143,25 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 def serve_p2p(store, plan, args) -> dict:
     from ray import serve
 
-    from pipelines.ray_setup import ensure_ray
-    from pipelines.serve import build_app
-
-    ensure_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     try:
-        serve.run(build_app(store.uri, recheck_s=3600, max_batch_size=args.max_batch_size,
-                            cpus_per_replica=args.threads), name="p2p", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        requests.get(f"{url}/healthz", timeout=600).raise_for_status()
+        url = deploy(port, store.uri, recheck_s=3600, max_batch_size=args.max_batch_size,
+                     cpus_per_replica=args.threads)
         for _, user, _ in plan:  # every adapter cached, the model warm: as the peer, which holds them all
             one(url, user, 1)
         out = run(url, plan)
     finally:
         serve.shutdown()
-    return {k: v for k, v in out.items() if "TTFT" not in k}
+    return {k: v for k, v in out.items() if "TTFT" not in k}  # the peer does not stream: latency only
 
 
 if __name__ == "__main__":

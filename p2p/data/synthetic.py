@@ -115,7 +115,7 @@ _TAG_TEMPLATES = [
 _PRODUCTS = ["blender", "pair of headphones", "backpack", "coffee grinder", "desk lamp", "running shoe",
              "phone case", "electric kettle", "office chair", "bluetooth speaker", "rain jacket", "toaster",
              "yoga mat", "water bottle", "keyboard", "camping tent"]
-_SENTIMENT = {
+SENTIMENT_PHRASES = {  # review sentences per sentiment 1-5 (bench/lamp_shaped.py writes its reviews with them too)
     1: ["It broke after two days and support never answered.", "Honestly a complete waste of money.",
         "Terrible quality, I returned it the same week.", "Awful. Nothing about it works as promised."],
     2: ["It works, but it feels cheap and flimsy.", "Disappointing for the price.",
@@ -286,7 +286,7 @@ def user_score(persona: Persona, sentiment: int) -> int:
 
 def review_text(rng: random.Random, sentiment: int) -> str:
     return rng.choice(_REVIEW_TEMPLATES).format(
-        p=rng.choice(_PRODUCTS), t=rng.choice(_TIMES), s=rng.choice(_SENTIMENT[sentiment])
+        p=rng.choice(_PRODUCTS), t=rng.choice(_TIMES), s=rng.choice(SENTIMENT_PHRASES[sentiment])
     )
 
 

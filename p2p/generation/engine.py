@@ -159,11 +159,11 @@ class Engine:
         bad = next((t for t in job.prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        seq = Sequence(job.prompt, job.adapter, RowSampler(job.params),
-                       TextStream(self.tokenizer, job.params.stop, context=job.prompt), emit, self.adapted.eos_id)
-        seq.labels = job.labels
         if job.labels is not None and not job.labels:
             raise ValueError("a constrained job needs at least one label")
+        seq = Sequence(job.prompt, job.adapter, RowSampler(job.params),
+                       TextStream(self.tokenizer, job.params.stop, context=job.prompt), emit, self.adapted.eos_id,
+                       labels=job.labels)
         with self._cond:
             if self.dead is not None:
                 raise EngineDead(f"the engine's decode loop died: {self.dead}")

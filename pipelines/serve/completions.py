@@ -56,28 +56,20 @@ class Completions:
         return await self._answer(req, target, prompts, budget, chat=False, logprobs=req.logprobs)
 
     async def chat(self, req: ChatRequest, target: Target):
-        [prompt] = await asyncio.to_thread(lambda: self._encode([self._chat_text(req)]))
-        budget = req.budget or min(self.limits.max_tokens, self.context - len(prompt))
+        prompt, budget = await self._chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await self._answer(req, target, [prompt], budget, chat=True, logprobs=logprobs)
 
     async def response(self, req: ResponsesRequest, target: Target):
         """OpenAI's Responses API: the chat turn `req` stands for, said as a response object or its events."""
         chat = req.as_chat()
-        [prompt] = await asyncio.to_thread(lambda: self._encode([self._chat_text(chat)]))
-        budget = chat.budget or min(self.limits.max_tokens, self.context - len(prompt))
-        self._check([prompt], budget, 1)
-        choice = chat.choice_set
-        jobs = [Job(prompt, target.adapter, self._params(chat, budget, None, 0), choice.labels if choice else None)]
+        prompt, budget = await self._chat_prompt(chat)
+        jobs, choice = self._jobs(chat, target, [prompt], budget, None)
         writer = ResponseWriter(target.model, req.model_dump(exclude_none=True), target.extras)
         if req.stream:
             return StreamingResponse(self._response_events(jobs, writer, len(prompt), choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        answer = Choice()
-        async for _, delta in self._deltas(jobs, choice):
-            if delta.error is not None:
-                raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
-            answer.add(delta)
+        [answer] = await self._collect(jobs, choice)
         return writer.response(answer.text, answer.finish_reason, len(prompt), len(answer.tokens))
 
     async def _response_events(self, jobs: list[Job], writer: ResponseWriter, prompt_tokens: int,
@@ -87,8 +79,6 @@ class Completions:
             for event in writer.opening():
                 yield event
             async for _, delta in self._deltas(jobs, choice):
-                if delta.error is not None:
-                    raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
                 answer.add(delta)
                 if delta.text:
                     yield writer.delta(delta.text)
@@ -98,6 +88,11 @@ class Completions:
             yield writer.failure(exc.body()["error"])
 
     # --- prompts ---------------------------------------------------------------------------------
+
+    async def _chat_prompt(self, req: ChatRequest) -> tuple[list[int], int]:
+        """The chat's prompt ids (tokenized off the event loop) and its token budget."""
+        [prompt] = await asyncio.to_thread(lambda: self._encode([self._chat_text(req)]))
+        return prompt, req.budget or min(self.limits.max_tokens, self.context - len(prompt))
 
     def _chat_text(self, req: ChatRequest) -> str:
         """The chat as one prompt string, through the model's chat template when it has one."""
@@ -131,6 +126,18 @@ class Completions:
 
     async def _answer(self, req: Sampling, target: Target, prompts: list[list[int]], budget: int, chat: bool,
                       logprobs: int | None):
+        jobs, choice = self._jobs(req, target, prompts, budget, logprobs)
+        responder = Responder(chat, target.model, self.tokenizer, logprobs is not None, bool(req.return_token_ids))
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._events(jobs, responder, prompt_tokens, include_usage, choice),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return responder.body(await self._collect(jobs, choice), prompt_tokens, target.extras)
+
+    def _jobs(self, req: Sampling, target: Target, prompts: list[list[int]], budget: int,
+              logprobs: int | None) -> tuple[list[Job], ChoiceSet | None]:
+        """One engine job per choice (prompt i, sample j), after the request's limits are checked."""
         n = req.n or 1
         self._check(prompts, budget, n)
         choice = req.choice_set
@@ -140,18 +147,13 @@ class Completions:
                            "logprobs")
         jobs = [Job(p, target.adapter, self._params(req, budget, logprobs, i * n + j), labels)
                 for i, p in enumerate(prompts) for j in range(n)]
-        responder = Responder(chat, target.model, self.tokenizer, logprobs is not None, bool(req.return_token_ids))
-        prompt_tokens = sum(len(p) for p in prompts)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._events(jobs, responder, prompt_tokens, include_usage, choice),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return jobs, choice
+
+    async def _collect(self, jobs: list[Job], choice: ChoiceSet | None) -> list[Choice]:
         choices = [Choice() for _ in jobs]
         async for i, delta in self._deltas(jobs, choice):
-            if delta.error is not None:
-                raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
             choices[i].add(delta)
-        return responder.body(choices, prompt_tokens, target.extras)
+        return choices
 
     def _check(self, prompts: list[list[int]], budget: int, n: int) -> None:
         if budget > self.limits.max_tokens:
@@ -182,7 +184,9 @@ class Completions:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 async with contextlib.aclosing(self.engine.stream(jobs)) as deltas:
                     async for i, delta in deltas:
-                        if choice is not None and delta.error is None:  # the label, as the format asked
+                        if delta.error is not None:  # the engine's text is in the replica's log, not the answer
+                            raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
+                        if choice is not None:  # the label, as the format asked
                             delta = dataclasses.replace(delta, text=choice.render(delta.text))
                         yield i, delta
         except TimeoutError:  # closing the stream above cancelled its rows
@@ -207,8 +211,6 @@ class Completions:
                 for i in range(len(jobs)):
                     yield sse(responder.opening(i))
             async for i, delta in self._deltas(jobs, choice):
-                if delta.error is not None:
-                    raise APIError(503, GENERATION_FAILED, type="server_error", code="engine_error")
                 generated += delta.token is not None
                 chunk = responder.chunk(i, delta)
                 if chunk is not None:

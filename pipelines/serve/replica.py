@@ -162,13 +162,7 @@ class Replica:
             if len(history) > self.limits.max_history_items:
                 raise APIError(400, f"the history would have {len(history)} items; the limit is "
                                     f"{self.limits.max_history_items}", "items", "history_too_long")
-            try:
-                record, seconds = await asyncio.to_thread(self._personalize, user_id, history)
-            except UserDeleted as exc:
-                raise APIError(409, str(exc), "user_id", "user_deleted") from None
-            except StoreDown as exc:
-                log.warning("p2p serve: adapter store unavailable: %s", exc)
-                raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
+            record, seconds = await self._store(self._personalize, user_id, history)
             await self._refresh_cached(user_id)
         return {"user_id": user_id, "added": added, "duplicates": len(items) - added, "history_items": len(history),
                 "adapter": record, "seconds": {**seconds, "total": time.perf_counter() - t0}}
@@ -191,15 +185,7 @@ class Replica:
             if existing is not None and not replace:
                 raise APIError(409, f"user {user_id!r} already has an adapter (run {existing.get('run_id')}); "
                                     "send \"replace\": true to replace it", "replace", "adapter_exists")
-            try:
-                record, seconds = await asyncio.to_thread(make)
-            except StoreDown as exc:
-                log.warning("p2p serve: adapter store unavailable: %s", exc)
-                raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
-            except UserDeleted as exc:
-                raise APIError(409, str(exc), "user_id", "user_deleted") from None
-            except P2PError as exc:
-                raise APIError(400, str(exc), param) from None
+            record, seconds = await self._store(make, bad_input=param)
             await self._refresh_cached(user_id)
         return {"user_id": user_id, "adapter": record, "seconds": seconds, "replaced": existing is not None}
 
@@ -251,8 +237,10 @@ class Replica:
         if slot is not None:
             await self._reload(slot)
 
-    async def _store(self, fn, *args):
-        """A blocking store call in a thread; an unreachable store is 503."""
+    async def _store(self, fn, *args, bad_input: str | None = None):
+        """A blocking store call (or build) in a thread, its failures as API errors: an unreachable store
+        503, a busy one 503 with Retry-After, a deleted user 409, and with `bad_input` any other P2PError a
+        400 naming that parameter."""
         try:
             return await asyncio.to_thread(fn, *args)
         except StoreDown as exc:
@@ -260,6 +248,12 @@ class Replica:
             raise APIError(503, STORE_UNAVAILABLE, code="store_unavailable") from None
         except StoreBusy as exc:
             raise APIError(503, str(exc), code="store_busy", headers={"Retry-After": str(int(DELETE_WAIT_S * 6))}) from None
+        except UserDeleted as exc:
+            raise APIError(409, str(exc), "user_id", "user_deleted") from None
+        except P2PError as exc:
+            if bad_input is None:
+                raise
+            raise APIError(400, str(exc), bad_input) from None
 
     # --- models and health -----------------------------------------------------------------------
 
