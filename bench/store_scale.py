@@ -1,4 +1,4 @@
-"""The store at a million users: planning, a commit, gc and deleting 1,000 users, with seconds and peak memory.
+"""The store at a million users: a commit, gc and deleting 1,000 users, with seconds and peak memory.
 
     python -m bench.store_scale [--users 1000000] [--part-rows 256] [--delete 1000] [--root DIR]
 
@@ -8,8 +8,7 @@ writes), then run B with 10% of the profiles changed, as two nightly refreshes l
 operation then runs in a fresh process, so its peak RSS (getrusage) is its own; Arrow's pool peak
 is reported beside it:
 - commit: commit run B (part check by listing, stray cleanup, commit record, CURRENT);
-- plan: read the committed manifest, index it (p2p.store.plan.Planner), and decide for every user
-  of a night where another 10% changed, in blocks of `--part-rows` (what the Plan actor does);
+- (the refresh's plan at scale, on Ray: bench/refresh_scale.py);
 - gc: `collect_garbage(keep_runs=1, grace_s=0)` (run A's parts and record go);
 - delete: `delete_users` of `--delete` random users (tombstones, every part searched, recommit).
 The store is local (file://): S3 adds request latency per part, listed in the JSON as counts.
@@ -81,7 +80,6 @@ def build(root: str, users: int, part_rows: int) -> dict:
                 out["pending"] = {"run_id": run_id, "parts": parts}
                 store.runs.objects.write(f"manifests/{HYPERNET}/PENDING", json.dumps(
                     {"run_id": run_id, "owner": "bench", "started_at": time.time(), "resume_from": []}).encode())
-    np.save(os.path.join(root, "..", "profile_words.npy"), words)
     out["manifest bytes per run"] = sum(i.size for r, i in store.objects.list(f"manifests/{HYPERNET}").items()
                                         if r.endswith(".parquet")) // 2
     return out
@@ -97,23 +95,6 @@ def step(which: str, root: str, users: int, part_rows: int, delete: int, pending
     if which == "commit":
         with store.leased("bench commit") as lease:
             store.runs.commit(HYPERNET, pending["run_id"], pending["parts"], users, lease, mode="embeddings")
-    elif which == "plan":
-        from p2p.store.plan import Planner
-
-        committed = store.current(HYPERNET)
-        previous = store.manifest(committed)
-        detail["read manifest (s)"] = round(time.perf_counter() - t, 2)
-        planner = Planner(previous, None, set(), "embeddings")
-        detail["index (s)"] = round(time.perf_counter() - t - detail["read manifest (s)"], 2)
-        words = np.load(os.path.join(root, "..", "profile_words.npy"))
-        night = np.random.default_rng(2).random(users) < 0.10
-        words[night] += 1  # another 10% changed tonight
-        ids, hashes, counts = _ids(users), _hash_strings(words), {}
-        for start in range(0, users, part_rows):
-            status, carried = planner.plan(ids[start:start + part_rows], hashes[start:start + part_rows])
-            for s in status:
-                counts[s] = counts.get(s, 0) + 1
-        detail["statuses"] = counts
     elif which == "gc":
         from p2p.store.gc import collect_garbage
 
@@ -159,7 +140,7 @@ def main() -> None:
         with open(pending_file, "w") as f:
             json.dump(built.pop("pending"), f)
         rows = []
-        for which in ("commit", "plan", "gc", "delete"):
+        for which in ("commit", "gc", "delete"):
             out = subprocess.run([sys.executable, "-m", "bench.store_scale", "--step", which, "--root", root,
                                   "--users", str(args.users), "--part-rows", str(args.part_rows),
                                   "--delete", str(args.delete), "--pending", pending_file],
@@ -178,7 +159,7 @@ def main() -> None:
         "users": args.users, "manifest_parts_per_run": parts, "embedding_dim": DIM,
         "manifest_bytes_per_user": round(built["manifest bytes per run"] / args.users, 1),
         "build_seconds": round(build_s, 1), **{k: v for k, v in built.items() if k.startswith("write")},
-        "store": "local file:// (on S3 each part is one GET or PUT: plan, gc and delete read every part once)",
+        "store": "local file:// (on S3 each part is one GET or PUT: gc and delete read every part once)",
         "per_million_users": {r["operation"]: round(r["seconds"] * 1_000_000 / args.users, 1) for r in rows},
     })
 

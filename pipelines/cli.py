@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readmit-file", default=None, help="the same, one id per line")
     p.add_argument("--wait", type=float, default=None, help="seconds to wait for another run's lease (default 0)")
     p.add_argument("--lease-ttl", type=float, default=None, help="seconds a dead run's lease outlives it (default 120)")
+    p.add_argument("--max-layers", type=int, default=None,
+                   help="rewrite every row into one layer once the committed run has this many (default 8)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("serve", help="Ray Serve: personalized completions over HTTP, adapters from the store")

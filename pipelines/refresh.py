@@ -1,20 +1,25 @@
 """`p2p refresh`: the nightly job that brings every user's adapter in the store up to date, on Ray Data.
 
-    driver: schemas, duplicate ids, the lease, the removal guard, the plan's inputs (one read each)
+    driver: schemas, the lease, the list of part files; nothing per user
+    guards: ids + committed keys + tombstones, partitioned by user (pipelines/refresh_plan.py):
+            duplicate ids and the removal guard, before anything is written
     users Parquet -> profile text + hash (tasks)
-                  -> plan (actor: p2p.store.plan.Planner over the committed manifest and the dead
-                     runs' parts; tombstoned users are left out)
+                  -> plan: joined with every stored layer and the tombstones by user hash,
+                     each partition planned alone (p2p.store.plan)
                   -> embed changed users (encoder actor pool)
                   -> generate + write PEFT folders (adapters mode) or embedding rows (embeddings mode)
                      + one manifest part per block (writer actor pool)
                   -> commit: CURRENT names the new run, written last, under the lease
 
 Only users whose profile hash (profile text + encoder) changed, or who have no row from this
-hypernet, are embedded; the rest carry their row over. A rerun after a crash starts a new run that
-reuses the rows the dead run finished. Nothing is committed when nothing changed. Users absent
-from the data drop out of the new manifest, but never more than `max_removed_share` of them
-without `allow_mass_removal`. The driver holds the store's lease throughout; when it stops on an
-error or a signal it stops its workers (see `_stopping_workers`).
+hypernet, are embedded. A night writes only what changed: its parts are a new layer over the
+committed run's (p2p.store.manifest), holding the new rows and a removal row for each user gone;
+every `max_layers` nights, or with `--full` or a change of mode, the night rewrites every row into
+one layer instead (compaction). A rerun after a crash starts a new run over the dead run's parts,
+reusing the rows it finished. Nothing is committed when nothing changed. Users absent from the data
+drop out, but never more than `max_removed_share` of them without `allow_mass_removal`. The driver
+holds the store's lease throughout; when it stops on an error or a signal it stops its workers
+(see `_stopping_workers`).
 """
 
 from __future__ import annotations
@@ -32,27 +37,25 @@ from typing import Annotated, Literal
 import numpy as np
 import pyarrow as pa
 import ray
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 from pydantic import Field
 from ray.data import ActorPoolStrategy
 
 from p2p.config import Positive, StrictConfig
 from p2p.data.schemas import check_schemas, users_uri
 from p2p.errors import P2PError
-from p2p.fs import filesystem
 from p2p.personalize import Personalizer, resolve_hypernet
 from p2p.store import AdapterStore
 from p2p.store import layout as store_layout
 from p2p.store.histories import merged
-from p2p.store.manifest import as_embedding_row, embedding_row
-from p2p.store.plan import Planner, check_removals, read_input_ids
+from p2p.store.manifest import as_embedding_row, embedding_row, removal_rows
+from p2p.store.plan import CARRIED
 from p2p.store.runs import MODES
 from p2p.userkey import is_user_id
 from pipelines.ingest import EmbedProfiles, profile_texts
 from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
+from pipelines.refresh_plan import StorePlan, arrow_fs, guard_removals
 
 log = logging.getLogger("p2p.refresh")
-CARRIED = ["adapter_uri", "profile_hash", "sha256", "bytes", "created_at", "embedding"]
 TERMINATED = 143  # exit status after SIGTERM (`ray job stop` sends it, then SIGKILL 3 s later)
 
 
@@ -77,6 +80,8 @@ class RefreshConfig(StrictConfig):
     readmit: list[str] = []  # deleted (tombstoned) user ids allowed back in
     lease_wait_s: Annotated[float, Field(ge=0.0)] = 0.0  # wait this long for another run's lease, then exit 3 naming its holder
     lease_ttl_s: Annotated[float, Field(gt=0.0)] = 120.0  # a dead run's lease expires this long after its last heartbeat
+    max_layers: Positive = 8  # rewrite every row into one layer (compaction) once the committed run has this many
+    plan_partition_users: Positive = 50_000  # users per partition of the plan (its memory per process)
 
 
 @dataclass
@@ -96,12 +101,15 @@ class RefreshSummary:
     deleted: int = 0  # tombstoned users still in the data, left out
     readmitted: int = 0
     failed: int = 0
+    compacted: bool = False  # every row rewritten into one layer (otherwise only the changes: a new layer)
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         busy = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         state = f"committed run {self.run_id}" if self.committed else "nothing changed: nothing committed"
+        if self.committed:
+            state += " (compacted: every row rewritten)" if self.compacted else " (a new layer of the changes)"
         return (f"refresh {self.hypernet_id} ({self.mode}): {self.users_seen} users seen, {self.changed} changed, "
                 f"{self.written} written, {self.resumed} resumed, {self.unchanged} unchanged, "
                 f"{self.regenerated} regenerated, {self.removed} removed, {self.deleted} deleted (tombstoned), "
@@ -141,22 +149,6 @@ def _with_recorded_events(batch: pa.Table, store: AdapterStore, keys: set[str]) 
     return batch.set_column(index, batch.schema.field(index), pa.array(histories, batch.schema.field(index).type))
 
 
-class Plan:
-    """Actor holding the planner (the committed manifest and the dead runs' rows, indexed once)."""
-
-    def __init__(self, previous: list, resumable: list, deleted: list, mode: str):
-        self.planner = Planner(ray.get(previous[0]) if previous else None, ray.get(resumable[0]) if resumable else None,
-                               set(ray.get(deleted[0])) if deleted else set(), mode)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        t = time.perf_counter()
-        status, carried = self.planner.plan(batch.column("user_id").to_pylist(), batch.column("profile_hash").to_pylist())
-        out = batch.append_column("status", pa.array(status, pa.string()))
-        for c in CARRIED:
-            out = out.append_column(f"prev_{c}", carried.column(c))
-        return _timed(out, "plan", time.perf_counter() - t)
-
-
 class EmbedChanged(EmbedProfiles):
     """Encoder actor: embeds only the users whose profile is new or changed (status "embed")."""
 
@@ -167,10 +159,15 @@ class EmbedChanged(EmbedProfiles):
 
 
 class GenerateAndWrite:
-    """Writer actor: the block's new rows (adapters: one hypernet pass + PEFT folders), then one manifest part."""
+    """Writer actor: the block's new rows (adapters: one hypernet pass + PEFT folders), then one manifest part.
 
-    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int, dtype: str = "float32"):
-        self.store, self.dtype = AdapterStore(store), dtype
+    A compaction writes every user's row; any other night writes the new rows and a removal row per
+    user gone, and the rows that stay are where they were (the committed layers below).
+    """
+
+    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int, dtype: str = "float32",
+                 compact: bool = True):
+        self.store, self.dtype, self.compact = AdapterStore(store), dtype, compact
         self.personalizer = Personalizer.from_store(self.store, hypernet_id) if mode == "adapters" else None
         self.hypernet_id, self.run_id, self.mode, self.dim = hypernet_id, run_id, mode, dim
 
@@ -179,24 +176,34 @@ class GenerateAndWrite:
         rows = batch.to_pylist()
         new, failures = self._new_rows([r for r in rows if r["status"] in ("embed", "regenerate")])
         t1 = time.perf_counter()
-        manifest = []
+        manifest, gone, live = [], [], 0
         for r in rows:
-            if r["user_id"] in new:
-                manifest.append(new[r["user_id"]])
-            elif r["status"] != "deleted" and r["prev_sha256"] is not None:  # carried, or kept after a failure
-                row = {"user_id": r["user_id"], "hypernet_id": self.hypernet_id, **{c: r[f"prev_{c}"] for c in CARRIED}}
-                manifest.append(as_embedding_row(row) if self.mode == "embeddings" else row)
+            uid, status, kept = r["user_id"], r["status"], r["prev_sha256"] is not None
+            if uid is None:  # a partition's count of users that stay as they are
+                live += r["n"]
+            elif uid in new:
+                manifest.append(new[uid])
+                live += 1
+            elif status in ("deleted", "removed"):
+                if kept and not self.compact:
+                    gone.append(uid)
+            elif kept:  # carried, or kept after a failure
+                live += 1
+                if self.compact:
+                    row = {"user_id": uid, "hypernet_id": self.hypernet_id, **{c: r[f"prev_{c}"] for c in CARRIED}}
+                    manifest.append(as_embedding_row(row) if self.mode == "embeddings" else row)
+        manifest += removal_rows(gone, self.hypernet_id, self.dim, int(time.time()))
         part = self.store.write_manifest_part(self.hypernet_id, self.run_id, manifest, self.dim)
         t2 = time.perf_counter()
-        status = [r["status"] for r in rows]
-        seconds = {f"t_{s}": sum(r[f"t_{s}"] for r in rows) for s in ("profile", "plan", "embed")}
+        count = {s: sum(r["n"] for r in rows if r["status"] == s) for s in ("embed", "resumed", "unchanged", "deleted")}
         return pa.table({
-            "part": [part], "seen": [len(rows)], "changed": [status.count("embed") + status.count("resumed")],
-            "written": [len(new)], "resumed": [status.count("resumed")], "unchanged": [status.count("unchanged")],
+            "part": [part], "seen": [sum(r["n"] for r in rows if r["status"] != "removed")],
+            "changed": [count["embed"] + count["resumed"]], "written": [len(new)], "resumed": [count["resumed"]],
+            "unchanged": [count["unchanged"]],
             "regenerated": [sum(1 for r in rows if r["status"] == "regenerate" and r["user_id"] in new)],
-            "deleted": [status.count("deleted")], "failed": [len(failures)], "failures": [failures[:5]],
-            "rows": [len(manifest)], **{k: [v] for k, v in seconds.items()}, "t_generate": [t1 - t0],
-            "t_write": [t2 - t1],
+            "deleted": [count["deleted"]], "failed": [len(failures)], "failures": [failures[:5]], "rows": [live],
+            "t_profile": [sum(r["t_profile"] for r in rows)], "t_embed": [sum(r["t_embed"] for r in rows)],
+            "t_generate": [t1 - t0], "t_write": [t2 - t1],
         })
 
     def _new_rows(self, todo: list[dict]) -> tuple[dict[str, dict], list[str]]:
@@ -224,55 +231,58 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
     start = time.perf_counter()
     users = users_uri(config.data)
     check_schemas(users, "users")  # a bad file is named now, before anything is written
-    input_ids = read_input_ids(users).column("user_id")  # duplicates across files, named now
     store = AdapterStore(config.store, create=config.create)
     with _exit_on_sigterm(), store.leased(f"refresh {config.hypernet}", ttl_s=config.lease_ttl_s,
-                                          wait_s=config.lease_wait_s) as lease:
+                                          wait_s=config.lease_wait_s) as lease, _stopping_workers():
         hypernet_id = resolve_hypernet(store, config.hypernet)
         hconf = Personalizer.from_store(store, hypernet_id).hypernet.config
         summary = RefreshSummary(store=config.store, hypernet_id=hypernet_id, mode=config.mode)
         committed = store.current(hypernet_id)
-        committed_ids = store.manifest(committed, ["user_id"]).column("user_id") if committed else None
-        summary.removed = check_removals(committed_ids, input_ids, config.max_removed_share,
-                                         config.allow_mass_removal, users)
+        layers = committed.layers() if committed is not None else []
+        summary.compacted = compact = (config.full or committed is None or committed.mode != config.mode
+                                       or len(layers) >= config.max_layers)
+        dead = store.runs.pending(hypernet_id)
+        dead_runs = [*dead.resume_from, dead.run_id] if dead is not None else []
+        dead_layers = [p for p in (store.runs.run_parts(hypernet_id, [r]) for r in dead_runs) if p]
+        plan = StorePlan(store, hypernet_id, layers, dead_layers, hconf.embed_dim, config.plan_partition_users,
+                         committed.users if committed is not None else 0)
+        t = time.perf_counter()
+        with user_errors():
+            checked = plan.check(users)  # duplicate ids, named now, before anything is written
+        summary.removed = guard_removals(checked, config.max_removed_share, config.allow_mass_removal, users)
+        summary.seconds["guards"] = time.perf_counter() - t
         if config.readmit:
             summary.readmitted = store.tombstones.readmit(config.readmit)
-        previous = None if config.full else store.manifest(committed)
         run = store.runs.begin(hypernet_id, lease)
-        parts = store.runs.run_parts(hypernet_id, run.resume_from)
-        resumable = pa.concat_tables(store.manifests.read_parts(parts)) if parts else None
         summary.run_id = run.run_id
-        log.info("refresh %s -> %s run %s (resuming %s; %d users in data, %d committed)", hypernet_id, config.store,
-                 run.run_id, run.resume_from or "nothing", len(input_ids), 0 if committed is None else committed.users)
+        log.info("refresh %s -> %s run %s (resuming %s; %d users in data, %d committed, %d layers, %d partitions%s)",
+                 hypernet_id, config.store, run.run_id, run.resume_from or "nothing", checked.inputs, checked.committed,
+                 len(layers), checked.partitions, ", compacting" if compact else "")
 
-        with _stopping_workers():
-            refs = {"previous": [ray.put(previous)] if previous is not None and len(previous) else [],
-                    "resumable": [ray.put(resumable)] if resumable is not None and len(resumable) else [],
-                    "deleted": [ray.put(sorted(d))] if (d := store.tombstones.hashes()) else []}
-            ds = ray.data.read_parquet(users, include_paths=True, filesystem=_arrow_fs(users))
-            keys = store.histories.keys()  # users whose events the server recorded: merged into their history
-            ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder,
-                                                          "store": config.store,
-                                                          "with_history": [ray.put(keys)] if keys else []},
-                                batch_format="pyarrow", batch_size=config.batch_size, **store_remote_args())
-            ds = ds.map_batches(Plan, fn_constructor_kwargs={**refs, "mode": config.mode}, batch_format="pyarrow",
-                                batch_size=config.batch_size, compute=ActorPoolStrategy(size=1))
-            ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},
-                                batch_format="pyarrow",
-                                batch_size=config.batch_size,
-                                compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
-            ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
-                "store": config.store, "hypernet_id": hypernet_id, "run_id": run.run_id, "mode": config.mode,
-                "dim": hconf.embed_dim, "dtype": config.adapter_dtype}, batch_format="pyarrow", batch_size=config.batch_size,
-                compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors), **store_remote_args())
-            parts, rows = _drain(ds, summary, len(input_ids), start)
+        ds = ray.data.read_parquet(users, include_paths=True, filesystem=arrow_fs(users), ray_remote_args=store_remote_args())
+        keys = store.histories.keys()  # users whose events the server recorded: merged into their history
+        ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder,
+                                                      "store": config.store,
+                                                      "with_history": [ray.put(keys)] if keys else []},
+                            batch_format="pyarrow", batch_size=config.batch_size, **store_remote_args())
+        ds = plan.plan(ds, checked.inputs, config.mode, config.full, compact)
+        ds = ds.map_batches(EmbedChanged, fn_constructor_kwargs={"encoder": hconf.encoder, "profile": hconf.profile},
+                            batch_format="pyarrow", batch_size=config.batch_size,
+                            compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
+        ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
+            "store": config.store, "hypernet_id": hypernet_id, "run_id": run.run_id, "mode": config.mode,
+            "dim": hconf.embed_dim, "dtype": config.adapter_dtype, "compact": compact}, batch_format="pyarrow",
+            batch_size=config.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors),
+            **store_remote_args())
+        parts, rows = _drain(ds, summary, checked.inputs, start)
 
         nothing_new = (committed is not None and committed.mode == config.mode and summary.removed == 0
                        and summary.changed == summary.written == summary.failed == 0)
         if nothing_new:
             store.runs.abandon(hypernet_id, run.run_id, lease)
         else:
-            store.runs.commit(hypernet_id, run.run_id, parts, rows, lease, mode=config.mode)
+            below = [] if compact else [p for layer in layers + dead_layers for p in layer]
+            store.runs.commit(hypernet_id, run.run_id, below + parts, rows, lease, mode=config.mode)
             summary.committed = True
     summary.seconds["total"] = time.perf_counter() - start
     return summary
@@ -281,7 +291,7 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
 def _drain(ds, summary: RefreshSummary, total: int, start: float) -> tuple[list[str], int]:
     """Run the pipeline, adding each block's counts to `summary`; (manifest parts, manifest rows)."""
     parts, rows, last_print = [], 0, time.perf_counter()
-    seconds = {s: 0.0 for s in ("profile", "plan", "embed", "generate", "write")}
+    seconds = {s: 0.0 for s in ("profile", "embed", "generate", "write")}
     with user_errors(), contextlib.closing(iter(ds.iter_rows())) as blocks:
         for row in blocks:
             if row["part"]:
@@ -298,7 +308,7 @@ def _drain(ds, summary: RefreshSummary, total: int, start: float) -> tuple[list[
                 rate = summary.users_seen / (last_print - start)
                 print(f"refresh: {summary.users_seen}/{total} users ({rate:.0f} users/s), "
                       f"{summary.written} written", file=sys.stderr, flush=True)
-    summary.seconds = {f"{k} (busy)": v for k, v in seconds.items()}
+    summary.seconds.update({f"{k} (busy)": v for k, v in seconds.items()})
     return parts, rows
 
 
@@ -337,13 +347,6 @@ def _stopping_workers() -> Iterator[None]:
         if ours:
             ray.shutdown()
         raise
-
-
-def _arrow_fs(uri: str):
-    """A pyarrow filesystem over fsspec, so Ray Data reads s3:// with the same endpoint as the store."""
-    if not uri.startswith(("s3://", "s3a://")):
-        return None
-    return PyFileSystem(FSSpecHandler(filesystem(uri)[0]))
 
 
 def summary_dict(summary: RefreshSummary) -> dict:

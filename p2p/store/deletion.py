@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from p2p.store import layout
+from p2p.store.errors import StoreDamaged
 from p2p.store.lease import Lease
 from p2p.store.manifest import encode
 from p2p.store.runs import Committed, new_run_id
@@ -74,6 +75,18 @@ def delete_users(store, user_ids: list[str], lease: Lease) -> DeletionReport:
     return report
 
 
+def _users(store, record: Committed, removed: dict[str, int]) -> int:
+    """The users a record serves now, counted (a user may have rows in several of its layers).
+
+    A record whose parts are not all there any more (gc took an older run's) keeps its count less
+    the rows removed: it cannot be served anyway, `recover` skips it.
+    """
+    try:
+        return len(store.manifests.read(record, ["user_id"]))
+    except StoreDamaged:
+        return record.users - sum(removed.get(p, 0) for p in record.parts)
+
+
 def _rewrite_parts(store, ids: list[str]) -> dict[str, int]:
     """Rewrite every manifest part holding one of `ids`; part -> rows removed."""
     gone = pa.array(ids, pa.string())
@@ -96,16 +109,13 @@ def _rewrite_parts(store, ids: list[str]) -> dict[str, int]:
 def _recommit(store, hypernet_id: str, removed: dict[str, int], lease: Lease, report: DeletionReport) -> None:
     current = store.runs.current(hypernet_id)
     for record in store.runs.history(hypernet_id):
-        lost = sum(removed.get(p, 0) for p in record.parts)
-        if lost:
-            store.runs.rewrite(Committed(**{**record.__dict__, "users": record.users - lost}), lease, serve=False)
-    if current is None:
+        if any(p in removed for p in record.parts):
+            store.runs.rewrite(Committed(**{**record.__dict__, "users": _users(store, record, removed)}), lease, serve=False)
+    if current is None or not any(p in removed for p in current.parts):
         return
-    lost = sum(removed.get(p, 0) for p in current.parts)
-    if not lost:
-        return
+    users = _users(store, current, removed)
     default = store.runs.default_hypernet()
-    committed = store.runs.commit(hypernet_id, new_run_id(), current.parts, current.users - lost, lease,
+    committed = store.runs.commit(hypernet_id, new_run_id(), current.parts, users, lease,
                                   mode=current.mode, make_default=default == hypernet_id)
-    report.committed_rows_removed += lost
+    report.committed_rows_removed += current.users - users
     report.recommitted[hypernet_id] = committed.run_id

@@ -61,8 +61,7 @@ def collect_garbage(store, lease: Lease, keep_runs: int = 2, grace_s: float = 36
             kind = _manifest_garbage(rel, live_parts, {c.run_id for c in kept})
             if kind:
                 doomed[rel] = (kind, info)
-        live_folders = {uri for t in store.manifests.read_parts(sorted(live_parts), ["adapter_uri"])
-                        for uri in t.column("adapter_uri").to_pylist() if uri}
+        live_folders = _live_folders(store, hid, kept, live_parts)
         live_folders |= _on_demand(store, hid, kept, doomed)
         folders: dict[str, dict[str, ObjectInfo]] = defaultdict(dict)
         adapters = store.objects.list(layout.adapters_root(hid))
@@ -114,6 +113,18 @@ def _live_parts(store, hid: str, kept: list[Committed]) -> tuple[set[str], dict[
         resumable = {pending.run_id, *pending.resume_from}
         live |= {rel for rel in listing if layout.run_of_part(rel) in resumable}
     return live, listing
+
+
+def _live_folders(store, hid: str, kept: list[Committed], live_parts: set[str]) -> set[str]:
+    """Folders a kept run's rows name (each run's own rows: a row a newer layer replaced is not live),
+    and those in the pending and dead runs' parts, which a rerun may reuse."""
+    folders = set()
+    for committed in kept:
+        folders |= {uri for uri in store.manifests.read(committed, ["adapter_uri"]).column("adapter_uri").to_pylist() if uri}
+    in_kept = {p for c in kept for p in c.parts}
+    for table in store.manifests.read_parts(sorted(live_parts - in_kept), ["adapter_uri"]):
+        folders |= {uri for uri in table.column("adapter_uri").to_pylist() if uri}
+    return folders
 
 
 def _manifest_garbage(rel: str, live_parts: set[str], kept_runs: set[str]) -> str | None:

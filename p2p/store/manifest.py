@@ -4,6 +4,12 @@ A row is one user under one hypernet: profile hash, embedding, and either an ada
 (`adapter_uri`, `sha256` of its files, `bytes`) or, in embeddings-only mode, no folder at all
 (`adapter_uri` null, `sha256` of the embedding, `bytes` 0): the adapter is a pure function of the
 embedding, made by the hypernet when a server first needs it.
+
+Layers. A committed run lists its parts oldest layer first (`Committed.layers`): the parts an
+earlier night wrote, then each later night's parts. A night writes only the users that changed,
+and a removal row (`sha256` REMOVED) for each user it drops, so its bytes grow with the changes,
+not with the users; the newest layer holding a user decides (`resolve`). A refresh rewrites
+everything into one layer every `max_layers` nights (compaction), or when the mode changes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p2p.data.schemas import Contract, embedding_type, required, validate
@@ -25,6 +32,7 @@ from p2p.store.objects import ObjectStore
 from p2p.store.runs import Committed
 
 ROW_COLUMNS = ["user_id", "adapter_uri", "profile_hash", "hypernet_id", "sha256", "bytes", "created_at"]
+REMOVED = ""  # the sha256 of a removal row: the user is gone from this layer on (a real digest is 64 hex digits)
 
 
 def manifest_schema(dim: int) -> pa.Schema:
@@ -58,6 +66,27 @@ def as_embedding_row(row: dict) -> dict:
     if row["adapter_uri"] is None:
         return row
     return embedding_row(row["user_id"], row["hypernet_id"], row["profile_hash"], row["embedding"], row["created_at"])
+
+
+def removal_rows(user_ids: list[str], hypernet_id: str, dim: int, created_at: int) -> list[dict]:
+    """Rows saying "gone from this layer on" (an all-zero embedding: a few bytes in Parquet)."""
+    zeros = [0.0] * dim
+    return [{"user_id": uid, "adapter_uri": None, "profile_hash": REMOVED, "hypernet_id": hypernet_id,
+             "sha256": REMOVED, "bytes": 0, "created_at": int(created_at), "embedding": zeros} for uid in user_ids]
+
+
+def resolve(table: pa.Table) -> pa.Table:
+    """Each user's row from the newest layer holding one, removal rows dropped; `table` is in layer order.
+
+    Within a layer a user has one row, or (a dead run's block retried) two rows with the same digest;
+    the refresh redoes a user whose retried rows disagree, in a newer layer.
+    """
+    if len(table) == 0:
+        return table
+    order = pa.table({"user_id": table.column("user_id"), "i": pa.array(np.arange(len(table), dtype=np.int64))})
+    last = order.group_by("user_id", use_threads=False).aggregate([("i", "max")]).column("i_max").to_numpy()
+    latest = table.take(pa.array(np.sort(last)))
+    return latest.filter(pc.not_equal(latest.column("sha256"), REMOVED))
 
 
 def row_mode(row: dict) -> str:
@@ -103,15 +132,22 @@ class Manifests:
         return rel
 
     def read(self, committed: Committed, columns: list[str] | None = None, with_part: bool = False) -> pa.Table:
-        """The committed manifest (optionally only `columns`; `with_part`: the index of each row's part)."""
-        tables = self.read_parts(committed.parts, columns, what=f"run {committed.run_id}")
+        """The committed manifest, one row per user (optionally only `columns`; `with_part`: each row's part index)."""
+        layered = len(committed.layers()) > 1
+        wanted = columns if columns is None or not layered else [*dict.fromkeys([*columns, "user_id", "sha256"])]
+        tables = self.read_parts(committed.parts, wanted, what=f"run {committed.run_id}")
         if with_part:
             tables = [t.append_column("part", pa.array(np.full(len(t), i, np.int32))) for i, t in enumerate(tables)]
         if not tables:
             empty = manifest_schema(1).empty_table()
             empty = empty.select(columns) if columns else empty
             return empty.append_column("part", pa.array([], pa.int32())) if with_part else empty
-        return pa.concat_tables(tables)
+        table = pa.concat_tables(tables)
+        if layered:
+            table = resolve(table)
+            if columns is not None:
+                table = table.select([*columns, "part"] if with_part else columns)
+        return table
 
     def read_parts(self, rels: list[str], columns: list[str] | None = None, what: str = "manifest") -> list[pa.Table]:
         """Parts in order, read concurrently; a missing or unreadable one is StoreDamaged."""

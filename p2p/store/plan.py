@@ -1,137 +1,231 @@
-"""Planning a refresh against the store, with no Ray: input ids, the guards, and each user's decision.
+"""Planning a refresh one partition of users at a time, with no Ray: the guards and each user's decision.
 
-Why here and columnar: at a million users, planning must be one read of the committed manifest
-and of the pending run's own parts, then a dict lookup per user, not one store request per user
-(the old resume checked each folder: ~95 ms a user on S3, ~26 hours per million).
+The refresh (pipelines/refresh_plan.py) hash-partitions three kinds of rows by the hash of the
+user's id, so that a tombstone, which holds only that hash, lands beside the user it deletes:
+- INPUT: one per row of tonight's users data;
+- STORED: every row of the hypernet's stored layers: the committed run's layers, oldest first,
+  then each dead run's parts (rows a crashed refresh finished, which a rerun reuses);
+- TOMBSTONE: one per deleted user.
+Each partition is planned alone (`check_partition` for the guards, before anything is written;
+`plan_partition` for the decisions), so no process holds more than its partition. The planner
+before this held the whole committed manifest in one actor: 5.6 GB at a million users.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from p2p.data.schemas import DataError, parquet_files
-from p2p.errors import P2PError
-from p2p.fs import display
-from p2p.store.manifest import manifest_schema
+from p2p.data.schemas import embedding_type
+from p2p.store.manifest import REMOVED
 from p2p.store.tombstones import user_hash
 
-# unchanged: the committed row stays.  resumed: a row a dead run of this refresh finished is reused.
+INPUT, STORED, TOMBSTONE = 0, 1, 2
+
+# unchanged: the stored row stays.  resumed: a row a dead run of this refresh finished is reused.
 # regenerate: same profile, but the row has no folder and this run stores adapters: generate from
 # the stored embedding.  embed: new or changed profile.  deleted: tombstoned, left out.
-STATUSES = ("unchanged", "resumed", "regenerate", "embed", "deleted")
+# removed: stored, absent from tonight's data: dropped (a removal row, or left out of a compaction).
+STATUSES = ("unchanged", "resumed", "regenerate", "embed", "deleted", "removed")
+CARRIED = ["adapter_uri", "profile_hash", "sha256", "bytes", "created_at", "embedding"]
+PROFILE_COLUMNS = [("profile_text", pa.string()), ("features", pa.list_(pa.float32())), ("updated_at", pa.int64()),
+                   ("t_profile", pa.float64())]
 
 
-def read_input_ids(uri: str) -> pa.Table:
-    """(user_id, file, row) for every users file, reading only that column; duplicates are an error.
+@dataclass(frozen=True)
+class PlanShape:
+    """Which columns the partitioned rows carry.
 
-    Ray Data checks each block alone, so an id in two files used to reach two writers and commit a
-    row whose digest matched neither folder. The message names both places.
+    `carry`: the stored rows' embeddings, sizes and times travel with them: a compaction rewrites
+    every row, and an adapters run may regenerate folders from stored embeddings. Without it only
+    keys move (about 200 bytes a user), and the rows that stay are not touched at all.
+    `profiles`: tonight's profile text and features (the plan, not the guards).
     """
-    fs, files = parquet_files(uri)
-    tables = []
-    for i, path in enumerate(files):
+
+    dim: int
+    carry: bool
+    profiles: bool
+
+    def schema(self) -> pa.Schema:
+        fields = [("user_sha256", pa.string()), ("kind", pa.int8()), ("user_id", pa.string()), ("path", pa.string()),
+                  ("layer", pa.int32()), ("profile_hash", pa.string()), ("sha256", pa.string()),
+                  ("adapter_uri", pa.string())]
+        if self.carry:
+            fields += [("bytes", pa.int64()), ("created_at", pa.int64()), ("embedding", embedding_type(self.dim))]
+        if self.profiles:
+            fields += PROFILE_COLUMNS
+        return pa.schema(fields)
+
+    def rows(self, kind: int, columns: dict[str, pa.Array | list], n: int) -> pa.Table:
+        """A table of this shape: `columns` given, the rest null."""
+        schema = self.schema()
+        arrays = [pa.array(np.full(n, kind, np.int8)) if f.name == "kind" else
+                  (pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
+                   else columns[f.name].cast(f.type)) if f.name in columns else pa.nulls(n, f.type)
+                  for f in schema]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def input_rows(self, batch: pa.Table) -> pa.Table:
+        """Tonight's users: (user_id, path) for the guards, or the profile stage's output for the plan."""
+        batch = batch.filter(pc.is_valid(batch.column("user_id")))  # a null id is named by the profile stage
+        ids = batch.column("user_id").to_pylist()
+        columns = {c: batch.column(c) for c in ("user_id", "path", "profile_hash", *dict(PROFILE_COLUMNS))
+                   if c in batch.column_names}
+        columns["user_sha256"] = [user_hash(u) for u in ids]
+        return self.rows(INPUT, columns, len(batch))
+
+    def stored_rows(self, part: pa.Table, layer: int) -> pa.Table:
+        """Rows of one stored layer's parts."""
+        columns = {c: part.column(c) for c in ("user_id", "profile_hash", "sha256", "adapter_uri", "bytes", "created_at",
+                                               "embedding") if c in part.column_names}
+        columns["user_sha256"] = [user_hash(u) for u in part.column("user_id").to_pylist()]
+        columns["layer"] = pa.array(np.full(len(part), layer, np.int32))
+        return self.rows(STORED, columns, len(part))
+
+    def tombstone_rows(self, hashes: pa.Table) -> pa.Table:
+        return self.rows(TOMBSTONE, {"user_sha256": hashes.column("user_sha256")}, len(hashes))
+
+
+class _Groups:
+    """A partition sorted by user hash, walked one user at a time (kinds mixed within a user)."""
+
+    def __init__(self, rows: pa.Table):
+        self.rows = rows.sort_by([("user_sha256", "ascending"), ("kind", "ascending"), ("layer", "ascending")])
+        self.hash = self.rows.column("user_sha256").to_pylist()
+        self.kind = self.rows.column("kind").to_pylist()
+        self.layer = self.rows.column("layer").to_pylist()
+        self.sha = self.rows.column("sha256").to_pylist()
+
+    def __iter__(self):
+        start, n = 0, len(self.hash)
+        for i in range(1, n + 1):
+            if i == n or self.hash[i] != self.hash[start]:
+                yield start, i
+                start = i
+
+    def stored(self, start: int, stop: int, below: int | None = None) -> tuple[int | None, bool]:
+        """(index of the user's row in the newest stored layer, or None if none or a removal row; conflicted).
+
+        `below`: only layers under it (the committed layers, for the guard). Rows come sorted by layer.
+        """
+        top = [i for i in range(start, stop) if self.kind[i] == STORED and (below is None or self.layer[i] < below)]
+        if not top:
+            return None, False
+        newest = [i for i in top if self.layer[i] == self.layer[top[-1]]]
+        if self.sha[newest[-1]] == REMOVED:
+            return None, False
+        return newest[-1], len({self.sha[i] for i in newest}) > 1
+
+
+def check_partition(rows: pa.Table, committed_layers: int) -> pa.Table:
+    """One row of counts: users in the data, duplicated ids (the first, with its files), committed users
+    and the committed users absent from the data (the removal guard)."""
+    groups = _Groups(rows)
+    ids = groups.rows.column("user_id").to_pylist()
+    paths = groups.rows.column("path").to_pylist()
+    inputs = duplicated = committed = removed = 0
+    example: list[str] = []
+    for start, stop in groups:
+        given = [i for i in range(start, stop) if groups.kind[i] == INPUT]
+        inputs += len(given)
+        if len(given) > 1:
+            duplicated += 1
+            if not example:
+                example = [ids[given[0]], paths[given[0]], paths[given[1]]]
+        row, _ = groups.stored(start, stop, below=committed_layers)
+        if row is not None:
+            committed += 1
+            removed += not given
+    return pa.table({"inputs": [inputs], "duplicated": [duplicated], "example": [example], "committed": [committed],
+                     "removed": [removed]}, schema=CHECK_SCHEMA)
+
+
+CHECK_SCHEMA = pa.schema([("inputs", pa.int64()), ("duplicated", pa.int64()), ("example", pa.list_(pa.string())),
+                          ("committed", pa.int64()), ("removed", pa.int64())])
+
+
+def plan_partition(rows: pa.Table, mode: str, committed_layers: int, full: bool, compact: bool) -> pa.Table:
+    """Each user's decision (see STATUSES), with the profile columns and the stored row it rests on (`prev_*`).
+
+    `compact`: every user gets a row (the night rewrites them all). Otherwise users that stay as they
+    are become one count row per partition (`user_id` null, `n` users), so only the changes move on.
+    """
+    groups = _Groups(rows)
+    table = groups.rows
+    ids = table.column("user_id").to_pylist()
+    hashes = table.column("profile_hash").to_pylist()
+    folders = table.column("adapter_uri").is_valid().to_pylist()
+    user_ids, status, given, stored = [], [], [], []
+    unchanged, t_unchanged = 0, 0.0
+    t_profile = (pc.fill_null(table.column("t_profile"), 0.0).to_pylist() if "t_profile" in table.column_names
+                 else [0.0] * len(table))
+
+    def emit(uid, what, i, s):
+        user_ids.append(uid)
+        status.append(what)
+        given.append(i)
+        stored.append(s)
+
+    for start, stop in groups:
+        inputs = [i for i in range(start, stop) if groups.kind[i] == INPUT]
+        deleted = any(groups.kind[i] == TOMBSTONE for i in range(start, stop))
+        row, conflicted = groups.stored(start, stop)
+        prev = row if row is not None and not conflicted else None
+        if not inputs:
+            if row is not None:
+                emit(ids[row], "removed", None, row)
+            continue
+        i = inputs[0]  # the guards refused duplicated ids before this ran
+        if deleted:
+            emit(ids[i], "deleted", i, row)
+        elif prev is None or full or hashes[prev] != hashes[i]:
+            emit(ids[i], "embed", i, prev)  # prev: kept if making this user's new row fails: no data lost
+        elif mode == "adapters" and not folders[prev]:
+            emit(ids[i], "regenerate", i, prev)
+        elif groups.layer[prev] >= committed_layers:
+            emit(ids[i], "resumed", i, prev)
+        elif compact:
+            emit(ids[i], "unchanged", i, prev)
+        else:
+            unchanged += 1
+            t_unchanged += t_profile[i]
+    if unchanged:
+        emit(None, "unchanged", None, None)
+    out = _output(table, user_ids, status, given, stored)
+    counts = np.ones(len(out), np.int64)
+    times = np.asarray([t_profile[i] if i is not None else 0.0 for i in given], np.float64)
+    if unchanged:
+        counts[-1], times[-1] = unchanged, t_unchanged
+    out = out.append_column("n", pa.array(counts))
+    return out.append_column("t_profile", pa.array(times))
+
+
+def _output(table: pa.Table, user_ids: list, status: list, given: list, stored: list) -> pa.Table:
+    def take(column: str, index: list) -> pa.Array:
+        if column not in table.column_names:
+            return pa.nulls(len(index), pa.null())
+        return table.column(column).take(pa.array(index, pa.int64()))
+
+    columns = {"user_id": pa.array(user_ids, pa.string()), "status": pa.array(status, pa.string())}
+    for c in ("profile_text", "features", "profile_hash", "updated_at"):
+        if c in table.column_names:
+            columns[c] = take(c, given)
+    for c in CARRIED:
+        columns[f"prev_{c}"] = take(c, stored)
+    return pa.table(columns)
+
+
+def first_duplicate_rows(fs, files: list[str], user_id: str) -> list[tuple[str, int]]:
+    """(file, row) of the first two rows holding `user_id`, one file's id column at a time."""
+    hits = []
+    for path in files:
         ids = pq.read_table(path, filesystem=fs, columns=["user_id"]).column("user_id")
-        tables.append(pa.table({"user_id": ids.cast(pa.string()), "file": pa.array(np.full(len(ids), i, np.int32)),
-                                "row": pa.array(np.arange(len(ids), dtype=np.int64))}))
-    table = pa.concat_tables(tables) if tables else pa.table({"user_id": pa.array([], pa.string())})
-    counts = pc.value_counts(table.column("user_id").drop_null())
-    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        value = dup[0]["values"].as_py()
-        hits = table.filter(pc.equal(table.column("user_id"), value)).slice(0, 2).to_pylist()
-        where = [f"{display(fs, files[h['file']])} row {h['row']}" for h in hits]
-        raise DataError(f"user id {value!r} appears twice in the users data: {where[0]} and {where[1]} "
-                        f"({len(dup)} duplicated id(s) in all); each user must appear once")
-    return table
-
-
-def check_removals(committed_ids: pa.ChunkedArray | None, input_ids: pa.ChunkedArray, max_share: float,
-                   allowed: bool, source: str) -> int:
-    """How many committed users the refresh would drop; refuses more than `max_share` unless `allowed`."""
-    if committed_ids is None or len(committed_ids) == 0:
-        if len(input_ids) == 0:
-            raise DataError(f"{source}: the users data has no rows; nothing to refresh")
-        return 0
-    removed = len(committed_ids) - pc.sum(pc.is_in(committed_ids, value_set=input_ids.combine_chunks()
-                                                   if isinstance(input_ids, pa.ChunkedArray) else input_ids)
-                                          ).as_py()
-    share = removed / len(committed_ids)
-    if share > max_share and not allowed:
-        raise P2PError(f"refresh would remove {removed} of {len(committed_ids)} committed users ({share:.0%}, more "
-                       f"than max_removed_share {max_share:.0%}): {source} has {len(input_ids)} users. If that is "
-                       f"intended, rerun with --allow-mass-removal")
-    return removed
-
-
-class Planner:
-    """Decides per user (see STATUSES) and carries the row the decision rests on."""
-
-    def __init__(self, previous: pa.Table | None, resumable: pa.Table | None, deleted: set[str], mode: str):
-        sources = [t for t in (previous, resumable) if t is not None and len(t)]
-        dim = _dim(sources)
-        self.schema = manifest_schema(dim)
-        # One contiguous copy: `take` on a list column of thousands of chunks concatenates them on
-        # every call (0.1 s a block at 200k users), on one chunk it is microseconds.
-        self.sources = (pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in sources])
-                        .combine_chunks() if sources else self.schema.empty_table())
-        n_prev = 0 if previous is None else len(previous)
-        ids = self.sources.column("user_id").to_pylist()
-        self._previous = {uid: i for i, uid in enumerate(ids[:n_prev])}
-        self._resumable = _agreeing(self.sources, ids, n_prev)
-        self._hashes = self.sources.column("profile_hash").to_pylist()
-        self._folders = self.sources.column("adapter_uri").is_valid().to_pylist()
-        self.deleted, self.mode = deleted, mode
-
-    def plan(self, user_ids: list[str], profile_hashes: list[str]) -> tuple[list[str], pa.Table]:
-        """(status per user, the carried row per user: manifest schema, null where none)."""
-        status, take = [], []
-        for uid, phash in zip(user_ids, profile_hashes, strict=True):
-            if self.deleted and uid is not None and user_hash(uid) in self.deleted:
-                status.append("deleted")
-                take.append(None)
-                continue
-            prev = self._previous.get(uid)
-            source = prev if prev is not None and self._hashes[prev] == phash else None
-            resumed = False
-            if source is None and (r := self._resumable.get(uid)) is not None and self._hashes[r] == phash:
-                source, resumed = r, True
-            if source is None:
-                status.append("embed")
-                take.append(prev)  # kept if making this user's new adapter fails: no data lost
-            elif self.mode == "adapters" and not self._folders[source]:
-                status.append("regenerate")
-                take.append(source)
-            else:
-                status.append("resumed" if resumed else "unchanged")
-                take.append(source)
-        return status, self.sources.take(pa.array(take, pa.int64()))
-
-
-def _dim(tables: list[pa.Table]) -> int:
-    for t in tables:
-        typ = t.schema.field("embedding").type
-        if pa.types.is_fixed_size_list(typ):
-            return typ.list_size
-    return 1
-
-
-def _agreeing(sources: pa.Table, ids: list[str], start: int) -> dict[str, int]:
-    """user -> row among the resumable rows (from `start`), for users whose rows all agree.
-
-    A block retried after its part was written can leave two parts for one user; if their
-    digests differ, no one can tell which folder bytes are on disk, so that user is redone.
-    """
-    digests = sources.column("sha256").to_pylist()
-    out: dict[str, int] = {}
-    conflicted = set()
-    for i in range(start, len(ids)):
-        uid = ids[i]
-        if uid in out and digests[out[uid]] != digests[i]:
-            conflicted.add(uid)
-        out.setdefault(uid, i)
-    for uid in conflicted:
-        del out[uid]
-    return out
+        rows = np.flatnonzero(pc.fill_null(pc.equal(ids, user_id), False).to_numpy(zero_copy_only=False))
+        hits += [(path, int(r)) for r in rows]
+        if len(hits) >= 2:
+            break
+    return hits[:2]

@@ -60,6 +60,21 @@ class Committed:
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
 
+    def layers(self) -> list[list[str]]:
+        """The parts grouped by the run that wrote them, oldest first: a night adds a layer (p2p.store.manifest)."""
+        return layers_of(self.parts)
+
+
+def layers_of(parts: list[str]) -> list[list[str]]:
+    """`parts` in runs of consecutive parts written by one run (`layout.run_of_part`)."""
+    out: list[list[str]] = []
+    for rel in parts:
+        if out and layout.run_of_part(out[-1][-1]) == layout.run_of_part(rel):
+            out[-1].append(rel)
+        else:
+            out.append([rel])
+    return out
+
 
 @dataclass
 class Pending:
@@ -146,7 +161,7 @@ class RunLog:
         if mode not in MODES:
             raise StoreError(f"unknown store mode {mode!r}; one of {', '.join(MODES)}")
         self._check_parts(hypernet_id, run_id, parts)
-        committed = Committed(hypernet_id, run_id, sorted(parts), users, time.time(), mode)
+        committed = Committed(hypernet_id, run_id, _in_layer_order(parts), users, time.time(), mode)
         lease.check()  # before the record too: a run that lost its lease leaves none for gc to keep or recover to promote
         self.objects.write(layout.commit_record(hypernet_id, run_id), committed.to_json())
         lease.check()
@@ -235,3 +250,11 @@ class RunLog:
         return StoreDamaged(f"{self.objects.url(rel)} is unreadable ({why}): a crash while writing it, or a "
                             f"damaged copy; run `p2p store recover --store {self.objects.uri}{target}` to point it at "
                             f"the newest complete commit")
+
+
+def _in_layer_order(parts: list[str]) -> list[str]:
+    """Runs in the order given (older layers first: the last one holding a user wins), parts sorted within each."""
+    order: dict[str | None, int] = {}
+    for rel in parts:
+        order.setdefault(layout.run_of_part(rel), len(order))
+    return sorted(parts, key=lambda rel: (order[layout.run_of_part(rel)], rel))

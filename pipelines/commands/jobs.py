@@ -44,7 +44,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                          embed_actors=args.embed_actors, generate_actors=args.generate_actors,
                          create=args.create or None, max_removed_share=args.max_removed_share,
                          allow_mass_removal=args.allow_mass_removal or None, readmit=readmit,
-                         lease_wait_s=args.wait, lease_ttl_s=args.lease_ttl)
+                         lease_wait_s=args.wait, lease_ttl_s=args.lease_ttl,
+                         max_layers=args.max_layers)
 
     summary = run_refresh(config)
     print(json.dumps(summary_dict(summary), indent=1) if args.json else summary.line())

@@ -92,6 +92,9 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
     store = AdapterStore(uri)
     after = _adapter_uris(store)
     assert {u for u in users if after[u] != before[u]} == changed
+    layers = store.current().layers()  # the night wrote a layer of its 20 changes over the first night's rows
+    assert len(layers) == 2 and sum(len(t) for t in store.manifests.read_parts(layers[-1], ["user_id"])) == 20
+    assert store.current().users == N_USERS
 
     third = _refresh(tiny_hypernet, second_data, uri)
     assert (third.changed, third.written, third.committed) == (0, 0, False)
@@ -99,7 +102,7 @@ def test_refresh_is_incremental_and_equals_p2p_generate(kind, ray_cluster, data3
     assert not store.fs.exists(store.path(f"manifests/{second.hypernet_id}/PENDING"))
     if kind == "file":  # --adapter-dtype bfloat16 --full: every user rewritten at half the bytes, same adapter
         half = _refresh(tiny_hypernet, second_data, uri, full=True, adapter_dtype="bfloat16")
-        assert half.written == N_USERS
+        assert half.written == N_USERS and half.compacted and len(AdapterStore(uri).current().layers()) == 1
         uid = users[0]
         files = AdapterStore(uri).read_adapter(uid)[0]
         got, _ = adapter_from_files(files)

@@ -3,6 +3,9 @@
 import signal
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from test_store_refresh import N_USERS, _check_every_row, _refresh, _start, _wait_for, write_data40
 
@@ -37,6 +40,22 @@ def test_refresh_across_delete_users_and_readmit(ray_cluster, data40, tiny_hyper
     back = _refresh(tiny_hypernet, data40, uri, readmit=[gone[0]])
     assert back.committed and back.readmitted == 1 and back.written == 1 and back.deleted == len(gone) - 1
     assert _check_every_row(uri) == set(users) - set(gone[1:])
+
+    # Two users leave the data: the night's layer holds their removal rows, and readers stop serving them.
+    left = tmp_path / "left" / "users"
+    left.mkdir(parents=True)
+    table = read_table(f"{data40}/users", "users")
+    pq.write_table(table.filter(pc.invert(pc.is_in(table.column("user_id"), pa.array(users[:2])))), left / "p.parquet")
+    dropped = _refresh(tiny_hypernet, str(tmp_path / "left"), uri, max_layers=3)
+    assert dropped.committed and dropped.removed == 2 and not dropped.compacted
+    assert len(AdapterStore(uri).current().layers()) == 3
+    assert _check_every_row(uri) == set(users[2:]) - set(gone[1:])
+    assert AdapterStore(uri).current().users == N_USERS - 2 - len(gone[1:])
+    # The committed run has max_layers layers: the next night that changes anything rewrites one layer.
+    compacted = _refresh(tiny_hypernet, str(tmp_path / "left"), uri, max_layers=3, readmit=[gone[1]])
+    assert compacted.committed and compacted.compacted and compacted.written == 1
+    assert len(AdapterStore(uri).current().layers()) == 1
+    assert _check_every_row(uri) == set(users[2:]) - set(gone[2:])
 
 
 def test_sigterm_stops_the_driver_its_workers_and_frees_the_lease(ray_cluster, data40, tiny_hypernet, tmp_path):
