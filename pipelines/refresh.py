@@ -228,6 +228,11 @@ class GenerateAndWrite:
 
 
 def run_refresh(config: RefreshConfig) -> RefreshSummary:
+    """One night, in the module docstring's order.
+
+    Long because every step runs under the one lease and uses the step before it (the committed
+    layers, the guards' counts, the run id); read top to bottom it is the night's protocol.
+    """
     start = time.perf_counter()
     users = users_uri(config.data)
     check_schemas(users, "users")  # a bad file is named now, before anything is written
@@ -242,7 +247,9 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
         summary.compacted = compact = (config.full or committed is None or committed.mode != config.mode
                                        or len(layers) >= config.max_layers)
         dead = store.runs.pending(hypernet_id)
-        dead_runs = [*dead.resume_from, dead.run_id] if dead is not None else []
+        below = {store_layout.run_of_part(p) for p in committed.parts} if committed is not None else set()
+        dead_runs = [r for r in ([*dead.resume_from, dead.run_id] if dead is not None else [])
+                     if r not in below and store.runs.commit_record(hypernet_id, r) is None]  # a commit whose PENDING outlived it
         dead_layers = [p for p in (store.runs.run_parts(hypernet_id, [r]) for r in dead_runs) if p]
         plan = StorePlan(store, hypernet_id, layers, dead_layers, hconf.embed_dim, config.plan_partition_users,
                          committed.users if committed is not None else 0)

@@ -133,7 +133,9 @@ class Manifests:
 
     def read(self, committed: Committed, columns: list[str] | None = None, with_part: bool = False) -> pa.Table:
         """The committed manifest, one row per user (optionally only `columns`; `with_part`: each row's part index)."""
-        layered = len(committed.layers()) > 1
+        # one layer of the run's own parts has one row per user; anything else (layers, or a dead run's
+        # parts reused, where a retried block may have left a user twice) is resolved
+        layered = any(layout.run_of_part(p) != committed.run_id for p in committed.parts)
         wanted = columns if columns is None or not layered else [*dict.fromkeys([*columns, "user_id", "sha256"])]
         tables = self.read_parts(committed.parts, wanted, what=f"run {committed.run_id}")
         if with_part:

@@ -116,9 +116,11 @@ class _Groups:
         if not top:
             return None, False
         newest = [i for i in top if self.layer[i] == self.layer[top[-1]]]
+        if len({self.sha[i] for i in newest}) > 1:
+            return newest[-1], True  # a retried block that decided twice (even: removed and kept): redo the user
         if self.sha[newest[-1]] == REMOVED:
             return None, False
-        return newest[-1], len({self.sha[i] for i in newest}) > 1
+        return newest[-1], False
 
 
 def check_partition(rows: pa.Table, committed_layers: int) -> pa.Table:

@@ -116,6 +116,15 @@ class RunLog:
         except (ValueError, TypeError, KeyError) as exc:
             raise self._damaged(layout.DEFAULT_CURRENT, data, exc, None) from None
 
+    def commit_record(self, hypernet_id: str, run_id: str) -> Committed | None:
+        """The run's commit record, or None if it never committed (or the record is torn)."""
+        try:
+            return Committed.from_json(self.objects.read(layout.commit_record(hypernet_id, run_id)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            return None
+
     def pending(self, hypernet_id: str) -> Pending | None:
         try:
             data = self.objects.read(layout.pending(hypernet_id))
@@ -253,8 +262,9 @@ class RunLog:
 
 
 def _in_layer_order(parts: list[str]) -> list[str]:
-    """Runs in the order given (older layers first: the last one holding a user wins), parts sorted within each."""
+    """Runs in the order given (older layers first: the last one holding a user wins), parts sorted within
+    each, each part once."""
     order: dict[str | None, int] = {}
     for rel in parts:
         order.setdefault(layout.run_of_part(rel), len(order))
-    return sorted(parts, key=lambda rel: (order[layout.run_of_part(rel)], rel))
+    return sorted(set(parts), key=lambda rel: (order[layout.run_of_part(rel)], rel))

@@ -31,8 +31,8 @@ def test_each_user_is_decided_from_the_newest_layer_and_unchanged_users_become_a
     committed = [_stored([("same", "h1", "d1", False), ("changed", "h1", "d1", False), ("gone", "h1", "d1", False),
                           ("layered", "old", "d1", False), ("readded", "h1", "d1", False)], 0, shape),
                  _stored([("layered", "h2", "d2", False), ("readded", REMOVED, REMOVED, False)], 1, shape)]
-    dead = _stored([("resumed", "h3", "d3", False), ("conflict", "h4", "d4", False), ("conflict", "h4", "d5", False)],
-                   2, shape)
+    dead = _stored([("resumed", "h3", "d3", False), ("conflict", "h4", "d4", False), ("conflict", "h4", "d5", False),
+                    ("twice", "h6", "d6", False), ("twice", REMOVED, REMOVED, False)], 2, shape)
     tomb = shape.tombstone_rows(pa.table({"user_sha256": [user_hash("deleted")]}))
     tonight = _input(["same", "changed", "layered", "readded", "resumed", "conflict", "deleted", "new"],
                      ["h1", "hX", "h2", "h1", "h3", "h4", "h1", "h9"], shape)
@@ -40,8 +40,9 @@ def test_each_user_is_decided_from_the_newest_layer_and_unchanged_users_become_a
 
     out = plan_partition(rows, "embeddings", committed_layers=2, full=False, compact=False)
     # "same" and "layered" (its newest layer has tonight's hash) stay as they are: counted, not carried
+    # "twice": a retried block kept and removed the user; absent tonight, a removal row settles it
     assert _decisions(out) == {"changed": "embed", "readded": "embed", "resumed": "resumed", "conflict": "embed",
-                               "deleted": "deleted", "new": "embed", "gone": "removed"}
+                               "deleted": "deleted", "new": "embed", "gone": "removed", "twice": "removed"}
     [count] = [r for r in out.to_pylist() if r["user_id"] is None]
     assert (count["status"], count["n"]) == ("unchanged", 2)
     by_user = {r["user_id"]: r for r in out.to_pylist()}
@@ -78,3 +79,16 @@ def test_reading_layers_keeps_the_newest_row_and_drops_removed_users():
     table = resolve(pa.concat_tables([older, newer.cast(older.schema)]))
     assert sorted(zip(table.column("user_id").to_pylist(), table.column("sha256").to_pylist(), strict=True)) == [
         ("a", "a2"), ("c", "c1")]
+
+
+def test_layer_order_keeps_runs_as_given_and_each_part_once():
+    from p2p.store.runs import _in_layer_order, layers_of
+
+    def part(run, name):
+        return f"manifests/h/{run}.parquet/part-{name}.parquet"
+
+    # a run that committed but whose PENDING outlived it must not appear twice, nor move above a later run
+    given = [part("b", "2"), part("b", "1"), part("a", "9"), part("b", "1"), part("c", "0")]
+    ordered = _in_layer_order(given)
+    assert ordered == [part("b", "1"), part("b", "2"), part("a", "9"), part("c", "0")]
+    assert [len(layer) for layer in layers_of(ordered)] == [2, 1, 1]
