@@ -185,7 +185,7 @@ def night(root: str, data: str, partition_users: int, batch_size: int) -> dict:
         written_before = _bytes(root, "manifests")
         with PeakRss() as rss, store.leased("bench night") as lease:
             t0 = time.perf_counter()
-            plan = StorePlan(store, HYPERNET, committed.layers(), [], DIM, partition_users, committed.users)
+            plan = StorePlan(store, committed.layers(), [], DIM, partition_users, committed.users)
             checked = plan.check(f"{data}/users")
             removed = guard_removals(checked, 0.2, False, "bench")
             t1 = time.perf_counter()

@@ -251,7 +251,7 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
         dead_runs = [r for r in ([*dead.resume_from, dead.run_id] if dead is not None else [])
                      if r not in below and store.runs.commit_record(hypernet_id, r) is None]  # a commit whose PENDING outlived it
         dead_layers = [p for p in (store.runs.run_parts(hypernet_id, [r]) for r in dead_runs) if p]
-        plan = StorePlan(store, hypernet_id, layers, dead_layers, hconf.embed_dim, config.plan_partition_users,
+        plan = StorePlan(store, layers, dead_layers, hconf.embed_dim, config.plan_partition_users,
                          committed.users if committed is not None else 0)
         t = time.perf_counter()
         with user_errors():

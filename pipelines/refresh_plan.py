@@ -59,9 +59,9 @@ class Checked:
 class StorePlan:
     """The stored side of a night: the committed run's layers, the dead runs' parts, the tombstones."""
 
-    def __init__(self, store: AdapterStore, hypernet_id: str, committed_layers: list[list[str]],
+    def __init__(self, store: AdapterStore, committed_layers: list[list[str]],
                  dead_layers: list[list[str]], dim: int, partition_users: int, committed_users: int):
-        self.store, self.hypernet_id, self.dim = store, hypernet_id, dim
+        self.store, self.dim = store, dim
         self.committed_layers, self.dead_layers = committed_layers, dead_layers
         self.partition_users, self.committed_users = partition_users, committed_users
 

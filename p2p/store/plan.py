@@ -63,10 +63,15 @@ class PlanShape:
     def rows(self, kind: int, columns: dict[str, pa.Array | list], n: int) -> pa.Table:
         """A table of this shape: `columns` given, the rest null."""
         schema = self.schema()
-        arrays = [pa.array(np.full(n, kind, np.int8)) if f.name == "kind" else
-                  (pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
-                   else columns[f.name].cast(f.type)) if f.name in columns else pa.nulls(n, f.type)
-                  for f in schema]
+        given = {**columns, "kind": np.full(n, kind, np.int8)}
+
+        def column(f: pa.Field):
+            value = given.get(f.name)
+            if value is None:
+                return pa.nulls(n, f.type)
+            return value.cast(f.type) if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value, f.type)
+
+        arrays = [column(f) for f in schema]
         return pa.Table.from_arrays(arrays, schema=schema)
 
     def input_rows(self, batch: pa.Table) -> pa.Table:
