@@ -40,7 +40,7 @@ class StrictConfig(BaseModel):
 class TrainConfig(StrictConfig):
     # --- model -------------------------------------------------------------------------------
     base: str = "smollm2-135m"  # base LLM: smollm2-135m, tiny-random, HF id or local directory
-    encoder: str = "minilm"  # profile encoder: minilm, hashing (tests), none, or a sentence-transformers path
+    encoder: str = "minilm"  # profile encoder: minilm, wordllama, hashing (tests), none, or a sentence-transformers path
     preset: str = "small"  # hypernetwork sizes: small (CPU) or paper
     rank: Positive = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA alpha

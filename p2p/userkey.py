@@ -3,12 +3,19 @@
 Everything outside [A-Za-z0-9_-] is percent-encoded, dots included, so `../x`, `a/b`, control
 characters and unicode all become flat, distinct, reversible names. Very long ids are cut and
 suffixed with a hash so keys stay within object-store limits.
+
+One id has one form: Unicode NFC. `José` typed on macOS arrives decomposed (NFD: `e` + a combining
+accent), elsewhere composed, and the two are different bytes, so without one form they would be two
+users with two adapters. Ids that come in as a request or an argument are brought to NFC
+(`canonical_user_id`); data files must already hold NFC ids, and are refused otherwise
+(`p2p.data.schemas`), since quietly renaming a user there would split them from their examples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 from p2p.errors import P2PError
 
@@ -19,6 +26,11 @@ MAX_KEY = 200
 def is_user_id(value: object) -> bool:
     """A user id is a non-empty string (anything else has no key)."""
     return isinstance(value, str) and value != ""
+
+
+def canonical_user_id(user_id: str) -> str:
+    """The id in NFC, the one form the store holds (see the module's docstring)."""
+    return unicodedata.normalize("NFC", user_id) if isinstance(user_id, str) else user_id
 
 
 def user_key(user_id: str) -> str:

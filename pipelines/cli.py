@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--top-k-layers", type=int, default=None, help="adapters on the top K layers only")
-    p.add_argument("--encoder", default="minilm", help="minilm, hashing, or a sentence-transformers path")
+    p.add_argument("--encoder", default="minilm", help="minilm, wordllama, hashing, none, or a sentence-transformers path")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("generate", help="profile -> embedding -> adapter: one PEFT folder per user")

@@ -87,18 +87,47 @@ def _cluster_events_to_file() -> None:
     worker.print_to_stdstream = print_to_stdstream
 
 
-STORE_ENV = ("AWS_ENDPOINT_URL", "P2P_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+STORE_ENV = ("AWS_ENDPOINT_URL", "P2P_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def store_remote_args() -> dict:
-    """`ray_remote_args` giving a job's actors the driver's object-store settings (endpoint, credentials).
+    """`ray_remote_args` giving a job's tasks the driver's object-store settings (endpoint, region, profile).
 
     Workers of an already running cluster do not see variables the driver set after the cluster
-    started; this carries them per actor pool. Without any set, workers use their own (IAM roles).
+    started; this carries them per actor pool. Never the secrets: Ray shows a runtime env in its
+    dashboard, state API and logs. Those travel as a `StoreCredentials` argument instead.
     """
     env = {k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+class StoreCredentials:
+    """The driver's S3 credentials, handed to a job's tasks and actors as an argument.
+
+    An argument is serialized into the task itself, which Ray does not display, where a runtime
+    env is shown to anyone with the dashboard or `ray list`. A task calls `install()` before it
+    opens the store; without credentials in the driver it installs nothing and the worker's own
+    (an instance role, its ~/.aws) are used, as before.
+    """
+
+    def __init__(self, values: dict[str, str]):
+        self._values = dict(values)
+
+    @classmethod
+    def of_driver(cls) -> StoreCredentials:
+        return cls({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)})
+
+    def install(self) -> None:
+        os.environ.update(self._values)
+
+    def options(self) -> dict:
+        """The same credentials as s3fs arguments (for a filesystem object made in the driver and sent to tasks)."""
+        names = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"}
+        return {names[k]: v for k, v in self._values.items()}
+
+    def __repr__(self) -> str:  # never the values, in a log or a trace
+        return f"StoreCredentials({', '.join(sorted(self._values)) or 'none'})"
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ from p2p.store.plan import CARRIED
 from p2p.store.runs import MODES
 from p2p.userkey import is_user_id
 from pipelines.ingest import EmbedProfiles, profile_texts
-from pipelines.ray_setup import ensure_ray, store_remote_args, user_errors
+from pipelines.ray_setup import StoreCredentials, ensure_ray, store_remote_args, user_errors
 from pipelines.refresh_plan import StorePlan, arrow_fs, guard_removals
 
 log = logging.getLogger("p2p.refresh")
@@ -123,10 +123,12 @@ def _timed(batch: pa.Table, stage: str, seconds: float) -> pa.Table:
 
 
 def profile_stage(batch: pa.Table, profile: dict, encoder: str, store: str | None = None,
-                  with_history: list | None = None) -> pa.Table:
+                  credentials: StoreCredentials | None = None, with_history: list | None = None) -> pa.Table:
     t = time.perf_counter()
     keys = ray.get(with_history[0]) if with_history else set()  # one small set per block, from the object store
     if keys:
+        if credentials is not None:
+            credentials.install()
         batch = _with_recorded_events(batch, AdapterStore(store), keys)
     out = profile_texts(batch, profile, encoder)  # text, label features and hash per user
     return _timed(out, "profile", time.perf_counter() - t)
@@ -165,8 +167,9 @@ class GenerateAndWrite:
     user gone, and the rows that stay are where they were (the committed layers below).
     """
 
-    def __init__(self, store: str, hypernet_id: str, run_id: str, mode: str, dim: int, dtype: str = "float32",
-                 compact: bool = True):
+    def __init__(self, store: str, credentials: StoreCredentials, hypernet_id: str, run_id: str, mode: str, dim: int,
+                 dtype: str = "float32", compact: bool = True):
+        credentials.install()
         self.store, self.dtype, self.compact = AdapterStore(store), dtype, compact
         self.personalizer = Personalizer.from_store(self.store, hypernet_id) if mode == "adapters" else None
         self.hypernet_id, self.run_id, self.mode, self.dim = hypernet_id, run_id, mode, dim
@@ -269,7 +272,7 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
         ds = ray.data.read_parquet(users, include_paths=True, filesystem=arrow_fs(users), ray_remote_args=store_remote_args())
         keys = store.histories.keys()  # users whose events the server recorded: merged into their history
         ds = ds.map_batches(profile_stage, fn_kwargs={"profile": hconf.profile, "encoder": hconf.encoder,
-                                                      "store": config.store,
+                                                      "store": config.store, "credentials": StoreCredentials.of_driver(),
                                                       "with_history": [ray.put(keys)] if keys else []},
                             batch_format="pyarrow", batch_size=config.batch_size, **store_remote_args())
         ds = plan.plan(ds, checked.inputs, config.mode, config.full, compact)
@@ -277,7 +280,8 @@ def run_refresh(config: RefreshConfig) -> RefreshSummary:
                             batch_format="pyarrow", batch_size=config.batch_size,
                             compute=ActorPoolStrategy(min_size=1, max_size=config.embed_actors))
         ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
-            "store": config.store, "hypernet_id": hypernet_id, "run_id": run.run_id, "mode": config.mode,
+            "store": config.store, "credentials": StoreCredentials.of_driver(), "hypernet_id": hypernet_id,
+            "run_id": run.run_id, "mode": config.mode,
             "dim": hconf.embed_dim, "dtype": config.adapter_dtype, "compact": compact}, batch_format="pyarrow",
             batch_size=config.batch_size, compute=ActorPoolStrategy(min_size=1, max_size=config.generate_actors),
             **store_remote_args())

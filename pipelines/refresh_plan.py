@@ -31,7 +31,7 @@ from p2p.fs import display, storage_options
 from p2p.store import AdapterStore
 from p2p.store import layout as store_layout
 from p2p.store.plan import PlanShape, check_partition, first_duplicate_rows, plan_partition
-from pipelines.ray_setup import store_remote_args
+from pipelines.ray_setup import StoreCredentials, store_remote_args
 
 
 def arrow_fs(uri: str):
@@ -42,7 +42,10 @@ def arrow_fs(uri: str):
     """
     if not uri.startswith(("s3://", "s3a://")):
         return None
-    fs, _ = fsspec.core.url_to_fs(uri, **storage_options(uri), use_listings_cache=False, skip_instance_cache=True)
+    # The driver's credentials go inside the filesystem object, which Ray Data sends to its read tasks
+    # as an argument: a read task gets no runtime env, and a runtime env would show them.
+    fs, _ = fsspec.core.url_to_fs(uri, **storage_options(uri), **StoreCredentials.of_driver().options(),
+                                  use_listings_cache=False, skip_instance_cache=True)
     return PyFileSystem(FSSpecHandler(fs))
 
 
@@ -120,7 +123,8 @@ class StorePlan:
     def _read(self, rels: list[str], fn, kwargs: dict) -> ray.data.Dataset:
         """Store objects read by Ray tasks through the store's own object layer (its endpoint and credentials)."""
         names = ray.data.from_items([{"rel": rel} for rel in rels], override_num_blocks=max(1, len(rels) // PARTS_PER_TASK))
-        return names.map_batches(fn, fn_kwargs={"store": self.store.uri, **kwargs}, batch_size=PARTS_PER_TASK,
+        return names.map_batches(fn, fn_kwargs={"store": self.store.uri, "credentials": StoreCredentials.of_driver(),
+                                                **kwargs}, batch_size=PARTS_PER_TASK,
                                  batch_format="pyarrow", **store_remote_args())
 
 
@@ -129,12 +133,15 @@ SHUFFLE_INPUT_BYTES = 128 * 2**20
 PLAN_BYTES_PER_USER = 8_000  # a partition's rows as Arrow and Python values while it is planned, with room to spare
 
 
-def _stored_rows(batch: pa.Table, store: str, shape: PlanShape, layer: int, columns: list[str]) -> pa.Table:
+def _stored_rows(batch: pa.Table, store: str, credentials: StoreCredentials, shape: PlanShape, layer: int,
+                 columns: list[str]) -> pa.Table:
+    credentials.install()
     tables = AdapterStore(store).manifests.read_parts(batch.column("rel").to_pylist(), columns)
     return pa.concat_tables([shape.stored_rows(t, layer) for t in tables])
 
 
-def _tombstone_rows(batch: pa.Table, store: str, shape: PlanShape) -> pa.Table:
+def _tombstone_rows(batch: pa.Table, store: str, credentials: StoreCredentials, shape: PlanShape) -> pa.Table:
+    credentials.install()
     objects = AdapterStore(store).objects
     tables = [pq.read_table(io.BytesIO(data), columns=["user_sha256"])
               for data in objects.read_many(batch.column("rel").to_pylist()).values()]

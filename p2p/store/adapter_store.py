@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,12 @@ from p2p.store.objects import ObjectStore
 from p2p.store.runs import Committed, RunLog
 from p2p.store.tombstones import Tombstones
 
+logger = logging.getLogger(__name__)
+
+
+def _commit_key(committed: Committed) -> tuple:
+    return committed.hypernet_id, committed.run_id, committed.created_at
+
 MARKER = layout.MARKER
 HYPERNET_FILES = layout.HYPERNET_FILES
 DEFAULT_LEASE_TTL_S = 120.0
@@ -66,7 +73,14 @@ def digest(files: dict[str, bytes]) -> str:
 
 
 class AdapterStore:
-    def __init__(self, uri: str, create: bool = False):
+    def __init__(self, uri: str, create: bool = False, index_in_background: bool = False):
+        """`index_in_background`: when a new commit appears, keep answering from the manifest index
+        already held while the new one is built on a thread of its own, and swap it in when ready.
+        A server wants this: reading a million-user manifest takes seconds, which every request
+        would otherwise wait for after each refresh and each API delete (a delete commits again).
+        Its rows are then at most one build behind the store, which is safe for deletes only
+        because a server also checks the tombstones on every read (pipelines/serve/store_access.py);
+        a command that must see its own commit at once leaves it off."""
         self.uri = uri
         self.objects = ObjectStore(uri, create=create)
         self.fs, self.root = self.objects.fs, self.objects.root
@@ -76,6 +90,8 @@ class AdapterStore:
         self.histories = Histories(self.objects)
         self._index: ManifestIndex | None = None
         self._index_guard = threading.Lock()
+        self._index_in_background = index_in_background
+        self._index_building: tuple | None = None  # the commit a background build is reading
         self._held = threading.local()  # each thread its own lease: replicas delete users from many threads
 
     # --- paths ---------------------------------------------------------------------------------------
@@ -204,14 +220,19 @@ class AdapterStore:
         `mode` says what it stores ("adapters": a folder; "embeddings": only the embedding, which
         `p2p.store.adapters_from_rows` turns into an adapter); `embedding=True` adds the embedding.
         """
+        return self._adapter_row(user_id, hypernet_id, embedding)[0]
+
+    def _adapter_row(self, user_id: str, hypernet_id: str | None, embedding: bool
+                     ) -> tuple[dict | None, ManifestIndex | None]:
+        """The row, and the manifest index it came from (the one to read its embedding from)."""
         committed = self.current(hypernet_id)
         hid = hypernet_id or (committed.hypernet_id if committed else None)
         row, index = None, None
         if committed is not None:
-            index = self._index_of(committed)
+            index = self._index_of(committed)  # in the background mode, possibly the previous commit's
             row = index.row(user_id)
             if row is not None:
-                row = {**row, "source": "manifest", "run_id": committed.run_id, "mode": row_mode(row)}
+                row = {**row, "source": "manifest", "run_id": index.committed.run_id, "mode": row_mode(row)}
         if hid is not None:
             record = self._on_demand(hid, user_id)
             if record is not None and (row is None or record["created_at"] > row["created_at"]):
@@ -221,7 +242,7 @@ class AdapterStore:
             row["embedding"] = self._embedding_of(row, index)
         if row is not None and "embedding" in row:
             row["embedding"] = np.asarray(row["embedding"], np.float32)
-        return row
+        return row, index
 
     def read_adapter(self, user_id: str, hypernet_id: str | None = None) -> tuple[dict[str, bytes] | None, dict]:
         """One user's PEFT files through the committed manifest (or on-demand record), checked.
@@ -229,11 +250,11 @@ class AdapterStore:
         A folder is checked against the row's sha256. An embeddings-only row has no files: it
         comes back as (None, row with its embedding), for the hypernet to turn into an adapter.
         """
-        row = self.adapter_row(user_id, hypernet_id)
+        row, index = self._adapter_row(user_id, hypernet_id, embedding=False)
         if row is None:
             raise self._not_found(user_id, hypernet_id)
         if row["mode"] == "embeddings":
-            row["embedding"] = self._embedding_of(row, self._index)
+            row["embedding"] = self._embedding_of(row, index)
             return None, row
         try:
             files = {name: self.objects.read(f"{row['adapter_uri']}/{name}") for name in PEFT_FILES}
@@ -345,12 +366,33 @@ class AdapterStore:
     # --- internals -------------------------------------------------------------------------------------
 
     def _index_of(self, committed: Committed) -> ManifestIndex:
-        key = (committed.hypernet_id, committed.run_id, committed.created_at)
+        """The index of `committed`; in the background mode, the one held until that one is built."""
         with self._index_guard:
             index = self._index
-            if index is None or (index.committed.hypernet_id, index.committed.run_id, index.committed.created_at) != key:
+            if index is not None and _commit_key(index.committed) == _commit_key(committed):
+                return index
+            if index is None or index.committed.hypernet_id != committed.hypernet_id \
+                    or not self._index_in_background:
                 index = self._index = ManifestIndex(self.manifests, committed)
-        return index
+                return index
+            if self._index_building is None:
+                self._index_building = _commit_key(committed)
+                threading.Thread(target=self._build_index, args=(committed,), name="p2p-manifest-index",
+                                 daemon=True).start()
+            return index
+
+    def _build_index(self, committed: Committed) -> None:
+        try:
+            index = ManifestIndex(self.manifests, committed)
+        except Exception as exc:  # noqa: BLE001 - the held index keeps serving; a later read retries
+            logger.warning("building the manifest index of run %s failed (%s); the previous run's index "
+                           "answers until a later read retries", committed.run_id, exc)
+            index = None
+        with self._index_guard:
+            self._index_building = None
+            current = self._index
+            if index is not None and (current is None or current.committed.created_at <= committed.created_at):
+                self._index = index
 
     def _on_demand(self, hypernet_id: str, user_id: str) -> dict | None:
         try:

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from p2p.store import layout
-from p2p.store.errors import StoreDamaged, StoreError
+from p2p.store.errors import StoreDamaged, StoreError, StoreUnavailable
 from p2p.store.lease import Lease
 from p2p.store.objects import ObjectStore
 
@@ -234,7 +234,12 @@ class RunLog:
             self.objects.delete(layout.pending(hypernet_id))
 
     def _pointer(self, rel: str, attempts: int = 5) -> bytes | None:
-        """A pointer's bytes; a pointer seen before that vanishes or reads as garbage is retried briefly."""
+        """A pointer's bytes; a pointer seen before that vanishes or reads as garbage is retried briefly.
+
+        One seen before that stays gone is `StoreUnavailable`, not "nothing committed": no operation
+        deletes a pointer, so a store whose pointer went away was moved, unmounted or cut off, and
+        its users must get a 503 to retry rather than the base model as if they had no adapter.
+        """
         for attempt in range(attempts):
             try:
                 data = self.objects.read(rel)
@@ -251,7 +256,11 @@ class RunLog:
                     pass
             if attempt < attempts - 1:
                 time.sleep(0.05 * (attempt + 1))
-        return data  # None: gone for good; bytes: unreadable, the caller names it (StoreDamaged)
+        if data is None:
+            raise StoreUnavailable(f"{self.objects.url(rel)} was there and is gone: the store was moved, unmounted "
+                                   f"or cut off (no command deletes it); `p2p store recover` repairs a store whose "
+                                   f"commit records remain")
+        return data  # unreadable: the caller names it (StoreDamaged)
 
     def _damaged(self, rel: str, data: bytes, exc: BaseException, hypernet_id: str | None) -> StoreDamaged:
         why = "empty" if not data.strip() else f"{type(exc).__name__}: {exc}"

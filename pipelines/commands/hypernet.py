@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from p2p.data.schemas import user_ids_from
 from p2p.model.base import load_base_model
 from p2p.model.device_export import export_for_device
 from p2p.model.hypernet import Hypernetwork, load_hypernet, make_config, save_hypernet
@@ -32,7 +33,7 @@ def cmd_init_hypernet(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    users = [u for u in args.users.split(",")] if args.users else None
+    users = user_ids_from(args.users, None, "generate") or None
     n = Personalizer.from_checkpoint(args.hypernet).write_folders(args.data, args.out, users=users,
                                                                   batch_size=args.batch_size)
     print(f"wrote {n} adapters to {args.out}")

@@ -11,15 +11,17 @@ import json
 import sys
 import time
 
+from p2p.userkey import canonical_user_id
 from pipelines.serve.tokens import Tokens
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    token, expires = Tokens.resolve().issue(args.user, args.ttl)
+    user = canonical_user_id(args.user)
+    token, expires = Tokens.resolve().issue(user, args.ttl)
     if args.json:
-        print(json.dumps({"token": token, "user": args.user, "expires_at": expires}))
+        print(json.dumps({"token": token, "user": user, "expires_at": expires}))
     else:
         print(token)
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
-        print(f"p2p token: for user {args.user!r}, expires {when}", file=sys.stderr)
+        print(f"p2p token: for user {user!r}, expires {when}", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Path, Request, Security
 from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel
 
+from p2p.userkey import canonical_user_id
 from pipelines.serve import errors
 from pipelines.serve.auth import ADMIN, ADMIN_ENV, SERVICE, SERVICE_ENV, Guard
 from pipelines.serve.errors import SafeJSONResponse
@@ -55,7 +56,8 @@ ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in 
     (403, "key lacks the scope, or the token is another user's"),
     (404, "no such model or user"), (413, "body too large"), (503, "store or engine unavailable"))}
 USER_ERRORS = {**ERRORS, 409: {"model": ErrorBody, "description": "the user already has an adapter"}}
-UserId = Annotated[str, Path(min_length=1, max_length=512), AfterValidator(check_utf8)]
+UserId = Annotated[str, Path(min_length=1, max_length=512), AfterValidator(check_utf8),
+                   AfterValidator(canonical_user_id)]
 
 
 def build_api(server: Replica) -> FastAPI:

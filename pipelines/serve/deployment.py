@@ -14,7 +14,7 @@ import time
 from ray import serve
 
 from p2p import logs
-from pipelines.ray_setup import ensure_ray, store_remote_args
+from pipelines.ray_setup import StoreCredentials, ensure_ray, store_remote_args
 from pipelines.serve.api import build_api
 from pipelines.serve.auth import Keys
 from pipelines.serve.replica import Replica
@@ -29,6 +29,10 @@ CACHE_SIZE = int(os.environ.get("P2P_ADAPTER_CACHE", "256"))
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress()
 class P2PServer(Replica):
+    def __init__(self, credentials: StoreCredentials, *args):
+        credentials.install()  # before the store is opened: an argument, not the runtime env Ray displays
+        super().__init__(*args)
+
     @serve.multiplexed(max_num_models_per_replica=CACHE_SIZE)
     async def get_slot(self, user_id: str) -> Slot:
         return await self.load_slot(user_id)
@@ -47,7 +51,8 @@ def build_app(store: str, hypernet_id: str | None = None, base: str | None = Non
     """The bound application: `serve.run(build_app(...))`.
 
     Keys: the arguments, else `P2P_SERVICE_KEY` / `P2P_ADMIN_KEY` (see pipelines/serve/auth.py),
-    read here in the driver and passed to the replicas. Replicas get the driver's store settings.
+    read here in the driver and passed to the replicas. Replicas get the driver's store settings (in
+    the runtime env) and credentials (as an argument: Ray displays runtime envs).
     """
     options = {**store_remote_args(), "num_cpus": cpus_per_replica}  # torch uses this many threads
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "P2P_CACHE") if os.environ.get(k)}
@@ -55,7 +60,7 @@ def build_app(store: str, hypernet_id: str | None = None, base: str | None = Non
         options.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
     deployment = P2PServer.options(num_replicas=replicas, ray_actor_options=options)
     keys = Keys.resolve(service_key, admin_key)
-    return deployment.bind(store, hypernet_id, base, unknown_user, recheck_s, max_batch_size, batching, batch_wait_s,
+    return deployment.bind(StoreCredentials.of_driver(), store, hypernet_id, base, unknown_user, recheck_s, max_batch_size, batching, batch_wait_s,
                            keys, limits or Limits())
 
 

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from p2p.errors import P2PError
 from p2p.generation.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from p2p.userkey import canonical_user_id
 from pipelines.serve.tokens import MAX_TTL_S
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -54,6 +55,9 @@ def check_utf8(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(check_utf8)]
+# A user id a request names, in its one stored form (NFC: p2p/userkey.py).
+UserIdText = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8),
+                       AfterValidator(canonical_user_id)]
 Name = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
@@ -289,7 +293,7 @@ class TokenRequest(Closed):
     """`POST /v1/tokens` (admin key): an end-user token for one user id (pipelines/serve/tokens.py)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"user": "u1", "ttl_s": 3600}]})
-    user: Annotated[str, Field(min_length=1, max_length=512), AfterValidator(check_utf8)]
+    user: UserIdText
     ttl_s: Annotated[int, Field(gt=0, le=MAX_TTL_S)] = 3600
 
 

@@ -57,7 +57,7 @@ def classify(exc: StoreError) -> str:
 
 class StoreAccess:
     def __init__(self, uri: str, hypernet_id: str | None = None):
-        self.store = AdapterStore(uri)
+        self.store = AdapterStore(uri, index_in_background=True)  # a new commit never stalls requests
         self.adapters = StoredAdapters(self.store)
         self.uri = uri
         self.hypernet_id = hypernet_id or self._default_hypernet()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import jwt
 
 from p2p.errors import P2PError
+from p2p.userkey import canonical_user_id
 
 SECRET_ENV, PUBLIC_KEY_ENV, ISSUER_ENV = "P2P_TOKEN_SECRET", "P2P_TOKEN_PUBLIC_KEY", "P2P_TOKEN_ISSUER"
 ISSUER = "p2p"
@@ -74,7 +75,7 @@ class Tokens:
             raise P2PError(f"--ttl must be in (0, {MAX_TTL_S}] seconds, got {ttl_s}")
         now = int(time.time() if now is None else now)
         expires = now + int(ttl_s)
-        claims = {"sub": user_id, "iat": now, "exp": expires, "iss": ISSUER, "scope": "user"}
+        claims = {"sub": canonical_user_id(user_id), "iat": now, "exp": expires, "iss": ISSUER, "scope": "user"}
         return jwt.encode(claims, self.secrets[0], algorithm="HS256"), expires
 
     def user_of(self, token: str) -> str:
@@ -98,7 +99,7 @@ class Tokens:
             raise TokenError(f"token rejected: {exc}") from None
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise TokenError("token names no user (claim 'sub')")
-        return claims["sub"]
+        return canonical_user_id(claims["sub"])
 
     def _hs256(self, token: str, options: dict) -> dict:
         last: jwt.PyJWTError | None = None

@@ -3,7 +3,8 @@
 A request may name its user three ways: `model` as `<base>:<user id>` (vLLM's and Ray Serve
 LLM's adapter naming), the OpenAI `user` field, or the `serve_multiplexed_model_id` header (Ray
 Serve's routing key). None of them silently wins: when several are given they must name the same
-user, else 400, so a client can never override the user a gateway put in the header.
+user, else 400, so a client can never override the user a gateway put in the header. Each is
+compared in NFC, the one form the store holds (p2p/userkey.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from p2p.userkey import canonical_user_id
 from pipelines.serve.errors import APIError
 from pipelines.serve.store_access import Loaded
 
@@ -28,8 +30,8 @@ def resolve_user(base: str, model: str | None, user: str | None, header: str | N
             raise APIError(404, f"model {model!r} does not exist; this server serves {base!r} and "
                                 f"'{base}:<user id>'", "model", "model_not_found")
         from_model = model[len(prefix):]
-    named = {source: value for source, value in (("model", from_model), ("user", user), (MULTIPLEX_HEADER, header))
-             if value}
+    named = {source: canonical_user_id(value)
+             for source, value in (("model", from_model), ("user", user), (MULTIPLEX_HEADER, header)) if value}
     if len(set(named.values())) > 1:
         sources = ", ".join(f"{k}={v!r}" for k, v in named.items())
         raise APIError(400, f"the request names different users ({sources}); name one", "user", "user_conflict")

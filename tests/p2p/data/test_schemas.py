@@ -1,8 +1,10 @@
+import unicodedata
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p2p.data.schemas import EXAMPLES, USERS, DataError, read_table, validate
+from p2p.data.schemas import EXAMPLES, USERS, DataError, read_table, user_ids_from, validate
 
 
 def users_rows():
@@ -61,6 +63,17 @@ def test_duplicate_user_id_is_named():
     rows[1]["user_id"] = "alice"
     with pytest.raises(DataError, match=r"column 'user_id' has duplicate value 'alice'"):
         validate(pa.Table.from_pylist(rows, schema=USERS), "users", "u.parquet")
+
+
+def test_an_id_not_in_nfc_is_refused_by_row_and_ids_given_as_arguments_are_brought_to_nfc(tmp_path):
+    nfd = unicodedata.normalize("NFD", "José")
+    for kind, rows, schema in (("users", users_rows(), USERS), ("examples", example_rows(), EXAMPLES)):
+        rows[1]["user_id"] = nfd
+        with pytest.raises(DataError, match=r"x\.parquet: column 'user_id' at row 1 .* not in Unicode NFC"):
+            validate(pa.Table.from_pylist(rows, schema=schema), kind, "x.parquet")
+    ids = tmp_path / "ids.txt"
+    ids.write_text(nfd + "\n", encoding="utf-8")
+    assert user_ids_from(nfd + ",bob", str(ids), "--users") == ["José", "bob", "José"]
 
 
 def test_user_in_two_splits_is_named(tmp_path):

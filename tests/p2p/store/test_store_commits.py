@@ -18,6 +18,7 @@ from p2p.store import (
     Lease,
     LeaseHeld,
     StoreDamaged,
+    StoreUnavailable,
     UserDeleted,
     adapter_store,
     layout,
@@ -103,7 +104,11 @@ def test_a_pointer_that_vanishes_for_a_moment_is_retried(tmp_path, tiny_hypernet
     assert reader.current().run_id == run_id  # retried, not "no commit"
     os.rename(path, path + ".away")
     assert AdapterStore(store.uri).current() is None  # a reader that never saw it: nothing committed
+    # One that saw it and finds it gone for good: the store was moved or cut off, not emptied.
+    with pytest.raises(StoreUnavailable, match="was there and is gone"):
+        reader.current()
     os.rename(path + ".away", path)
+    assert reader.current().run_id == run_id
 
 
 def test_one_lease_holder_at_a_time(store):
@@ -287,3 +292,41 @@ def test_concurrent_on_demand_builds_converge_to_one_adapter(store, tiny_hyperne
     record = json.loads(store.objects.read(records[0]))
     assert record["adapter_uri"] == layout.adapter_folder_of(next(iter(listed)))
     assert AdapterStore(store.uri).read_adapter("newbie", hid)[0] == files
+
+
+def test_a_server_store_answers_from_the_index_it_holds_while_a_new_commit_is_read(tmp_path, tiny_hypernet,
+                                                                                   monkeypatch):
+    """A refresh or an API delete commits again; a server's reads must not wait for the new manifest."""
+    from store_support import commit_embeddings
+
+    from p2p.store import manifest
+
+    writer = AdapterStore(str(tmp_path / "store"))
+    _, hid, _ = commit_embeddings(writer, tiny_hypernet, ["u0", "u1"])
+    server = AdapterStore(writer.uri, index_in_background=True)
+    first = server.adapter_row("u0")["run_id"]  # the first index is built in place: nothing older to answer from
+    gate, reading = threading.Event(), threading.Event()
+    real_init = manifest.ManifestIndex.__init__
+
+    def slow_init(self, *args, **kwargs):
+        reading.set()
+        assert gate.wait(60)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(manifest.ManifestIndex, "__init__", slow_init)
+    commit_embeddings(writer, tiny_hypernet, ["u0", "u1", "u2"])
+    newest = writer.current(hid).run_id
+    answers = []
+    reader = threading.Thread(target=lambda: answers.extend(server.adapter_row(u) for u in ("u0", "u2")))
+    reader.start()
+    assert reading.wait(60)
+    reader.join(60)  # it returns while the new manifest is still being read
+    assert not reader.is_alive() and answers[0]["run_id"] == first and answers[1] is None
+    gate.set()
+    deadline = time.monotonic() + 60
+    while server.adapter_row("u2") is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.adapter_row("u0")["run_id"] == server.adapter_row("u2")["run_id"] == newest
+    # A store that is not a server's sees its own commit at once.
+    assert AdapterStore(writer.uri).adapter_row("u2")["run_id"] == newest

@@ -57,3 +57,26 @@ def test_limits_timeouts_and_a_dead_engine_answer_fast_and_mark_the_replica_unhe
     assert client.get("/healthz").status_code == 503
     with pytest.raises(EngineDead):
         replica.check_health()
+
+
+def test_a_store_that_vanishes_is_503_until_it_is_back_never_the_base_model(tiny_hypernet, tmp_path):
+    """A store directory renamed away (an unmount, a moved volume) is an outage, not an empty store."""
+    import os
+
+    store = AdapterStore(str(tmp_path / "store"))
+    commit(store, tiny_hypernet, USERS[:2], seed=1)
+    server = Replica(store.uri, recheck_s=0)
+    try:
+        client = TestClient(build_api(server))
+        first = complete(client, temperature=0)
+        assert first.status_code == 200 and first.json()["personalized"] is True
+        os.rename(tmp_path / "store", tmp_path / "away")
+        gone = complete(client, temperature=0)
+        assert gone.status_code == 503 and gone.json()["error"]["code"] == "store_unavailable", gone.text
+        assert str(tmp_path) not in gone.text  # no paths in the body
+        os.rename(tmp_path / "away", tmp_path / "store")
+        back = complete(client, temperature=0)
+        assert back.status_code == 200 and back.json()["personalized"] is True
+        assert back.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    finally:
+        server.close()
