@@ -21,6 +21,7 @@ PROFILE = ProfileConfig()  # the profile settings' defaults, in one place
 Positive = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 AtLeastZero = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class FieldError(ValueError):
@@ -77,6 +78,10 @@ class TrainConfig(StrictConfig):
     grad_clip: float = 1.0  # max global gradient norm
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     l2_adapter: float = 0.0  # penalty on the mean square of generated A and B
+    # Personalization margin (p2p/train/step.py): weight of the hinge asking each example's own adapter
+    # to beat the next user's by `contrast_margin` nats; 0 is off. Costs a second forward per step.
+    contrast_weight: NonNegativeFloat = 0.0
+    contrast_margin: NonNegativeFloat = 0.5
     seed: int = 0  # initialisation and data order
     # "shared": every user gets the same embedding (the non-personalized control); "retrieval": the
     # same, with the user's profile text in every prompt (the control a team would build instead).

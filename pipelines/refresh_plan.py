@@ -15,7 +15,6 @@ embeddings, when the stored rows travel whole.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -142,9 +141,7 @@ def _stored_rows(batch: pa.Table, store: str, credentials: StoreCredentials, sha
 
 def _tombstone_rows(batch: pa.Table, store: str, credentials: StoreCredentials, shape: PlanShape) -> pa.Table:
     credentials.install()
-    objects = AdapterStore(store).objects
-    tables = [pq.read_table(io.BytesIO(data), columns=["user_sha256"])
-              for data in objects.read_many(batch.column("rel").to_pylist()).values()]
+    tables = AdapterStore(store).tombstones.read_files(batch.column("rel").to_pylist()).values()
     return pa.concat_tables([shape.tombstone_rows(t) for t in tables])
 
 

@@ -149,7 +149,8 @@ class HypernetTrainRecipe:
         self.hypernet = new_hypernet(c, model, self.loop_config["embed_dim"],
                                      (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)))
         self.loss = AdapterLoss(AdaptedModel(model, tokenizer, self.hypernet.config), c.cache_prefix,
-                                c.cache_max_bytes, c.label_smoothing, c.l2_adapter)
+                                c.cache_max_bytes, c.label_smoothing, c.l2_adapter, c.contrast_weight,
+                                c.contrast_margin)
         self.fmt = PromptFormat(tokenizer)
 
     def _restore(self) -> None:

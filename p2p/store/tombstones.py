@@ -87,7 +87,11 @@ class Tombstones:
         for rel in set(self._files) - listed:
             del self._files[rel]
         new = sorted(listed - set(self._files))
-        for rel, data in self.objects.read_many(new).items():
-            self._files[rel] = frozenset(pq.read_table(io.BytesIO(data), columns=["user_sha256"])
-                                         .column("user_sha256").to_pylist())
+        for rel, table in self.read_files(new).items():
+            self._files[rel] = frozenset(table.column("user_sha256").to_pylist())
         return self._files
+
+    def read_files(self, rels: list[str]) -> dict[str, pa.Table]:
+        """The `user_sha256` column of each tombstone file still there (the refresh's plan reads them in tasks)."""
+        return {rel: pq.read_table(io.BytesIO(data), columns=["user_sha256"])
+                for rel, data in self.objects.read_many(rels).items()}

@@ -228,7 +228,7 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
     mean = hypernet.shared_embedding().numpy()
     train_rows, val_rows = as_control(train_rows, config.control, mean), as_control(val_rows, config.control, mean)
     loss = AdapterLoss(AdaptedModel(model, tokenizer, hypernet.config), config.cache_prefix, config.cache_max_bytes,
-                       config.label_smoothing, config.l2_adapter)
+                       config.label_smoothing, config.l2_adapter, config.contrast_weight, config.contrast_margin)
     fmt = PromptFormat(tokenizer)
     optimizer, scheduler = optimizer_for(config, hypernet)
     val_batches = batches_of(val_rows_sample(val_rows, config.val_examples), config.batch_size, fmt,

@@ -2,7 +2,13 @@
 
 End-to-end SFT through the frozen LLM: each example's tokens pass through the base model with
 *its own user's* adapter; cross-entropy on target tokens only (optional label smoothing), plus
-an optional L2 penalty on the generated A and B. What produces the adapters is the caller's:
+an optional L2 penalty on the generated A and B, plus an optional personalization margin.
+
+The margin (`contrast_weight` > 0) also runs each example with another user's adapter (the next
+user of the batch) and asks the own adapter to beat it by `contrast_margin` nats of per-example
+cross-entropy. Cross-entropy alone is mostly learned by the part of the adapter every user shares
+(the answer format, which labels a question offers); in the margin's gradient that part cancels,
+since it is the same in both runs, so the term trains only what depends on the profile. What produces the adapters is the caller's:
 the hypernetwork (training), a DeepSpeed engine around it (Ray workers), or a user's own LoRA
 tensors (OPPU). `p2p.train.loop` steps it.
 
@@ -13,6 +19,7 @@ one with one-token answers (tags).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterable
@@ -63,9 +70,11 @@ class AdapterLoss:
     """
 
     def __init__(self, adapted: AdaptedModel, cache_prefix: bool = True, cache_max_bytes: int = 2 << 30,
-                 label_smoothing: float = 0.0, l2_adapter: float = 0.0):
+                 label_smoothing: float = 0.0, l2_adapter: float = 0.0, contrast_weight: float = 0.0,
+                 contrast_margin: float = 0.5):
         self.adapted, self.model = adapted, adapted.model
         self.label_smoothing, self.l2_adapter = label_smoothing, l2_adapter
+        self.contrast_weight, self.contrast_margin = contrast_weight, contrast_margin
         self.cache = None
         first = min(adapted.layers)
         if cache_prefix and first > 0:
@@ -96,7 +105,14 @@ class AdapterLoss:
         if self.l2_adapter > 0:
             l2 = sum(a.pow(2).mean() + b.pow(2).mean() for a, b in adapters.values()) / len(adapters)
             loss = loss + self.l2_adapter * l2
+        if self.contrast_weight > 0 and batch.embeddings.shape[0] > 1:
+            loss = loss + self.contrast_weight * self.margin(source, batch, per_example)
         return loss, ce
+
+    def margin(self, source: AdapterSource, batch: Batch, own: torch.Tensor) -> torch.Tensor:
+        """Mean hinge max(0, m - (CE with the next user's adapter - CE with the own one)) over the batch."""
+        _, other = self.per_example(source, dataclasses.replace(batch, embeddings=batch.embeddings.roll(1, 0)))
+        return mean_over_examples(F.relu(self.contrast_margin - (other - own)))
 
 
 # --- validation -------------------------------------------------------------------------------------

@@ -33,3 +33,15 @@ def test_minilm_encoder():
     enc = ProfileEncoder("minilm")
     assert enc.dim == 384
     _check(enc)
+
+
+def test_wordllama_encoder_loads_from_its_package_alone(monkeypatch):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the wordllama encoder tried to download")
+
+    monkeypatch.setattr(requests, "get", no_network)  # its loader downloads through requests.get when a file is missing
+    enc = ProfileEncoder("wordllama")
+    assert enc.dim == 256 and enc.encoder_id == "wordllama"
+    _check(enc)

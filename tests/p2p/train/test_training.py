@@ -126,6 +126,46 @@ def test_mixed_precision_hypernet_trains_on_fp32_inputs(tiny, train_data, dtype)
     assert torch.isfinite(hypernet.user_proj.weight.grad.float()).all()
 
 
+def test_the_personalization_margin_is_a_hinge_on_another_users_adapter(tiny, train_data):
+    """loss = CE + w * mean(max(0, m - (CE under the next user's adapter - CE under the own one)))."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from p2p.model.adapted import AdaptedModel
+    from p2p.task.prompt import PromptFormat
+    from p2p.train.batch import collate
+    from p2p.train.examples import embedding_stats, user_embeddings
+    from p2p.train.loop import new_hypernet
+    from p2p.train.step import AdapterLoss
+
+    train, _ = local_rows(train_data)
+    rows = [next(r for r in train if r["user_id"] == u) for u in dict.fromkeys(r["user_id"] for r in train)][:4]
+    cfg = TrainConfig(**TINY)
+    model = copy.deepcopy(tiny[0])
+    hypernet = new_hypernet(cfg, model, DIM, embedding_stats(user_embeddings(train)))
+    with torch.no_grad():
+        for p in hypernet.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # adapters that differ by user, so the two runs differ
+    batch = collate(rows, PromptFormat(tiny[1]), cfg.max_seq_len)
+    assert batch.embeddings.shape[0] == 4
+    plain = AdapterLoss(AdaptedModel(model, tiny[1], hypernet.config))
+    with_margin = AdapterLoss(AdaptedModel(model, tiny[1], hypernet.config), contrast_weight=2.0, contrast_margin=3.0)
+    _, own = plain.per_example(hypernet, batch)
+    _, other = plain.per_example(hypernet, dataclasses.replace(batch, embeddings=batch.embeddings.roll(1, 0)))
+    assert not torch.allclose(own, other)
+    loss, ce = with_margin(hypernet, batch)
+    expected = own.mean() + 2.0 * F.relu(3.0 - (other - own)).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ce, own.mean())
+    loss.backward()
+    assert hypernet.user_proj.weight.grad.abs().sum() > 0
+    # One user in the batch: there is no other adapter to beat, and the term is off.
+    single = collate(rows[:1], PromptFormat(tiny[1]), cfg.max_seq_len)
+    loss, ce = with_margin(hypernet, single)
+    torch.testing.assert_close(loss, ce)
+
+
 def test_local_loop_learns_and_keeps_best(tiny, train_data, tmp_path):
     # Overfit one fixed batch: a systematic fall the tiny model reaches on any CPU (it settles near
     # 0.65 x the start at learning rates from 1e-3 to 3e-3), not a thin margin on a noisy curve.
