@@ -56,6 +56,9 @@ from p2p.store.tombstones import Tombstones
 logger = logging.getLogger(__name__)
 
 
+INDEX_RETRY_S = 30.0  # a failed background build of the manifest index is retried this long after
+
+
 def _commit_key(committed: Committed) -> tuple:
     return committed.hypernet_id, committed.run_id, committed.created_at
 
@@ -91,7 +94,9 @@ class AdapterStore:
         self._index: ManifestIndex | None = None
         self._index_guard = threading.Lock()
         self._index_in_background = index_in_background
+        self._index_wanted: tuple | None = None  # the commit readers asked for last (background mode)
         self._index_building: tuple | None = None  # the commit a background build is reading
+        self._index_failed: tuple[tuple, float] | None = None  # (commit, when) of the last failed build
         self._held = threading.local()  # each thread its own lease: replicas delete users from many threads
 
     # --- paths ---------------------------------------------------------------------------------------
@@ -312,7 +317,7 @@ class AdapterStore:
                 try:
                     if self.runs.current(hid) is not None:
                         continue
-                except StoreDamaged:
+                except (StoreDamaged, StoreUnavailable):  # unreadable, or gone since this object read it
                     pass
                 if self.runs.history(hid):
                     out.append(self.runs.recover(hid, lease))
@@ -365,33 +370,49 @@ class AdapterStore:
 
     # --- internals -------------------------------------------------------------------------------------
 
+    def forget_index(self) -> None:
+        """After rewriting manifest parts in place (a deletion): the next read must not use the held index.
+
+        In the background mode the deletion's new commit already moves readers on (a new key), and
+        a server must not wait for the rebuild; elsewhere the index is dropped.
+        """
+        if not self._index_in_background:
+            with self._index_guard:
+                self._index = None
+
     def _index_of(self, committed: Committed) -> ManifestIndex:
         """The index of `committed`; in the background mode, the one held until that one is built."""
+        key = _commit_key(committed)
         with self._index_guard:
             index = self._index
-            if index is not None and _commit_key(index.committed) == _commit_key(committed):
+            if index is not None and _commit_key(index.committed) == key:
                 return index
             if index is None or index.committed.hypernet_id != committed.hypernet_id \
                     or not self._index_in_background:
                 index = self._index = ManifestIndex(self.manifests, committed)
                 return index
-            if self._index_building is None:
-                self._index_building = _commit_key(committed)
+            self._index_wanted = key
+            failed = self._index_failed
+            retry = failed is None or failed[0] != key or time.monotonic() - failed[1] >= INDEX_RETRY_S
+            if self._index_building is None and retry:
+                self._index_building = key
                 threading.Thread(target=self._build_index, args=(committed,), name="p2p-manifest-index",
                                  daemon=True).start()
             return index
 
     def _build_index(self, committed: Committed) -> None:
+        key = _commit_key(committed)
         try:
             index = ManifestIndex(self.manifests, committed)
-        except Exception as exc:  # noqa: BLE001 - the held index keeps serving; a later read retries
+        except Exception as exc:  # noqa: BLE001 - the held index keeps serving; a read retries in INDEX_RETRY_S
             logger.warning("building the manifest index of run %s failed (%s); the previous run's index "
-                           "answers until a later read retries", committed.run_id, exc)
+                           "answers, and the build is retried in %.0f s", committed.run_id, exc, INDEX_RETRY_S)
             index = None
         with self._index_guard:
             self._index_building = None
-            current = self._index
-            if index is not None and (current is None or current.committed.created_at <= committed.created_at):
+            if index is None:
+                self._index_failed = (key, time.monotonic())
+            elif key == self._index_wanted:  # what readers ask for now (a rollback by `recover` included)
                 self._index = index
 
     def _on_demand(self, hypernet_id: str, user_id: str) -> dict | None:
@@ -419,7 +440,10 @@ class AdapterStore:
         if "embedding" in row:
             return np.asarray(row["embedding"], np.float32)
         if row["source"] == "manifest" and index is not None:
-            return index.embeddings([row["user_id"]])[row["user_id"]]
+            found = index.embeddings([row["user_id"]])
+            if row["user_id"] not in found:  # deleted since the held index was read
+                raise self._not_found(row["user_id"], row.get("hypernet_id"))
+            return found[row["user_id"]]
         try:
             return np.asarray(json.loads(self.objects.read(f"{row['adapter_uri']}/{MARKER}"))["embedding"], np.float32)
         except (FileNotFoundError, ValueError, KeyError):

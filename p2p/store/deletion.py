@@ -71,7 +71,7 @@ def delete_users(store, user_ids: list[str], lease: Lease) -> DeletionReport:
     report.parts_rewritten, report.rows_removed = len(removed), sum(removed.values())
     for hid in hypernets:
         _recommit(store, hid, removed, lease, report)
-    store._index = None
+    store.forget_index()
     return report
 
 

@@ -229,7 +229,9 @@ class ManifestIndex:
             i = self._position.get(uid)
             if i is None:
                 continue
-            out[uid] = self._part(parts[i].as_py())[uid]
+            part = self._part(parts[i].as_py())
+            if uid in part:  # else its part was rewritten without it since this index was read (a deletion)
+                out[uid] = part[uid]
         return out
 
     def _part(self, index: int) -> dict[str, np.ndarray]:

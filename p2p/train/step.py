@@ -105,8 +105,11 @@ class AdapterLoss:
         if self.l2_adapter > 0:
             l2 = sum(a.pow(2).mean() + b.pow(2).mean() for a, b in adapters.values()) / len(adapters)
             loss = loss + self.l2_adapter * l2
-        if self.contrast_weight > 0 and batch.embeddings.shape[0] > 1:
-            loss = loss + self.contrast_weight * self.margin(source, batch, per_example)
+        if self.contrast_weight > 0:
+            # Run even for a batch of one user (whose term is then 0): every worker must make the same
+            # forwards, since under ZeRO-3 each forward gathers the sharded weights with the others.
+            present = float(batch.embeddings.shape[0] > 1)
+            loss = loss + self.contrast_weight * present * self.margin(source, batch, per_example)
         return loss, ce
 
     def margin(self, source: AdapterSource, batch: Batch, own: torch.Tensor) -> torch.Tensor:
