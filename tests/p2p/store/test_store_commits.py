@@ -330,3 +330,39 @@ def test_a_server_store_answers_from_the_index_it_holds_while_a_new_commit_is_re
     assert server.adapter_row("u0")["run_id"] == server.adapter_row("u2")["run_id"] == newest
     # A store that is not a server's sees its own commit at once.
     assert AdapterStore(writer.uri).adapter_row("u2")["run_id"] == newest
+
+
+def test_a_failed_background_index_build_is_retried_after_a_pause_not_on_every_read(tmp_path, tiny_hypernet,
+                                                                                    monkeypatch):
+    from store_support import commit_embeddings
+
+    from p2p.store import manifest
+
+    writer = AdapterStore(str(tmp_path / "store"))
+    commit_embeddings(writer, tiny_hypernet, ["u0"])
+    server = AdapterStore(writer.uri, index_in_background=True)
+    assert server.adapter_row("u0") is not None
+    builds, real_init = [], manifest.ManifestIndex.__init__
+
+    def failing_init(self, *args, **kwargs):
+        builds.append(1)
+        raise StoreDamaged("a part is missing")
+
+    monkeypatch.setattr(manifest.ManifestIndex, "__init__", failing_init)
+    commit_embeddings(writer, tiny_hypernet, ["u0", "u1"])
+
+    def settle():
+        deadline = time.monotonic() + 60
+        while server._index_building is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    for _ in range(5):  # the held index answers; one build was tried, and is not tried again at once
+        assert server.adapter_row("u0") is not None and server.adapter_row("u1") is None
+        settle()
+    assert len(builds) == 1
+    monkeypatch.setattr(adapter_store, "INDEX_RETRY_S", 0.0)
+    monkeypatch.setattr(manifest.ManifestIndex, "__init__", real_init)
+    server.adapter_row("u0")
+    settle()
+    assert server.adapter_row("u1") is not None  # the retry built the new commit's index
