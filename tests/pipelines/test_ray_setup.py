@@ -9,7 +9,7 @@ set after the cluster started.
 import os
 import pickle
 
-from pipelines.ray_setup import StoreCredentials, store_remote_args
+from pipelines.ray_setup import SECRET_ENV, STORE_ENV, StoreCredentials, store_remote_args
 from pipelines.refresh_plan import arrow_fs
 from pipelines.serve.deployment import build_app
 
@@ -17,6 +17,8 @@ SECRET = "s3cr3t-do-not-show"
 
 
 def test_secrets_stay_out_of_every_runtime_env_and_travel_as_arguments(monkeypatch):
+    for name in STORE_ENV + SECRET_ENV:  # the session's moto server sets some of them
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
