@@ -58,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"report": a, "versus": b,
                      f"{task.primary} [95% CI]": f"{ci.value:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] (difference)"})
     write(args.name, rows, {"task": args.task, "method": args.method, "users": len(set(users)), "examples": len(ids)})
-    with open(os.path.join("bench/results", f"{args.name}.md")) as f:
-        print(f.read())
     return 0
 
 

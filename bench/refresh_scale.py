@@ -194,8 +194,8 @@ def night(root: str, data: str, partition_users: int, batch_size: int) -> dict:
             ds = plan.plan(ray.data.read_parquet(f"{data}/users"), checked.inputs, "embeddings", False, False)
             ds = ds.map_batches(fake_embed, batch_format="pyarrow", batch_size=batch_size)
             ds = ds.map_batches(GenerateAndWrite, fn_constructor_kwargs={
-                "store": root, "credentials": StoreCredentials.of_driver(), "hypernet_id": HYPERNET, "run_id": run.run_id, "mode": "embeddings", "dim": DIM,
-                "compact": False}, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=1))
+                "store": root, "credentials": StoreCredentials.of_driver(), "hypernet_id": HYPERNET,
+                "run_id": run.run_id, "mode": "embeddings", "dim": DIM, "compact": False}, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=1))
             parts, live, counts = [], 0, {"seen": 0, "written": 0, "unchanged": 0}
             for row in ds.iter_rows():
                 parts += [row["part"]] if row["part"] else []

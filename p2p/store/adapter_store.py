@@ -55,16 +55,10 @@ from p2p.store.tombstones import Tombstones
 
 logger = logging.getLogger(__name__)
 
-
-INDEX_RETRY_S = 30.0  # a failed background build of the manifest index is retried this long after
-
-
-def _commit_key(committed: Committed) -> tuple:
-    return committed.hypernet_id, committed.run_id, committed.created_at
-
 MARKER = layout.MARKER
 HYPERNET_FILES = layout.HYPERNET_FILES
 DEFAULT_LEASE_TTL_S = 120.0
+INDEX_RETRY_S = 30.0  # a failed background build of the manifest index is retried this long after
 
 
 def digest(files: dict[str, bytes]) -> str:
@@ -73,6 +67,10 @@ def digest(files: dict[str, bytes]) -> str:
     for name in sorted(files):
         h.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+def _commit_key(committed: Committed) -> tuple:
+    return committed.hypernet_id, committed.run_id, committed.created_at
 
 
 class AdapterStore:

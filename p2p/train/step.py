@@ -8,9 +8,10 @@ The margin (`contrast_weight` > 0) also runs each example with another user's ad
 user of the batch) and asks the own adapter to beat it by `contrast_margin` nats of per-example
 cross-entropy. Cross-entropy alone is mostly learned by the part of the adapter every user shares
 (the answer format, which labels a question offers); in the margin's gradient that part cancels,
-since it is the same in both runs, so the term trains only what depends on the profile. What produces the adapters is the caller's:
-the hypernetwork (training), a DeepSpeed engine around it (Ray workers), or a user's own LoRA
-tensors (OPPU). `p2p.train.loop` steps it.
+since it is the same in both runs, so the term trains only what depends on the profile.
+
+What produces the adapters is the caller's: the hypernetwork (training), a DeepSpeed engine
+around it (Ray workers), or a user's own LoRA tensors (OPPU). `p2p.train.loop` steps it.
 
 Checkpoints are chosen on `val` users by the task-balanced val loss: each task's mean
 per-example loss, averaged over tasks, so a task with long answers (headlines) does not drown
