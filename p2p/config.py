@@ -56,6 +56,13 @@ class TrainConfig(StrictConfig):
     standardize_inputs: bool = True  # standardize embeddings with the training users' mean and std
     head_init_std: float = 1e-5  # initial head weights (0: zero heads, whose trunk gets no gradient at step 0)
     head_output_scale: float | None = None  # heads emit bias + scale * (W h); None: 1/sqrt(head_in)
+    # Write the label statistics into the residual stream along each label's output embedding, with a
+    # learned gain (p2p/model/label_binding.py): needs profile_features and an o_proj or down_proj target.
+    label_binding: bool = False
+    # Where the binding's gain starts: the spread (std over users) of the logit gap between labels it
+    # writes, in nats. 1 was too weak to move the answers of a trained model; 3 makes the untrained
+    # model answer like the count rule on val users (docs/quality.md).
+    label_binding_nats: PositiveFloat = 3.0
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: Positive = 256  # prompt + target tokens; a longer prompt loses the middle of its user text
@@ -118,6 +125,8 @@ class TrainConfig(StrictConfig):
     def _together(self) -> TrainConfig:
         if self.bf16 and self.fp16:
             raise FieldError("fp16", "bf16 and fp16 are exclusive")
+        if self.label_binding and not self.profile_features:
+            raise FieldError("label_binding", "needs label statistics: set profile_features > 0")
         if self.task_weights is not None:
             if not self.batch_by_task:
                 raise FieldError("task_weights", "needs batch_by_task: true")

@@ -45,7 +45,14 @@ from p2p.task.prompt import PromptFormat
 from p2p.train.batch import batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
 from p2p.train.examples import as_control, attach_embeddings, embedding_stats
-from p2p.train.loop import TrainLoop, Validation, new_hypernet, optimizer_for, save_checkpoint
+from p2p.train.loop import (
+    TrainLoop,
+    Validation,
+    binding_prompts,
+    new_hypernet,
+    optimizer_for,
+    save_checkpoint,
+)
 from p2p.train.step import AdapterLoss, val_rows_sample
 from pipelines.ingest import run_profiles
 from pipelines.ray_setup import ensure_ray, user_errors
@@ -147,7 +154,8 @@ class HypernetTrainRecipe:
             model = model.to(ray.train.torch.get_device())
         stats = self.loop_config["input_stats"]
         self.hypernet = new_hypernet(c, model, self.loop_config["embed_dim"],
-                                     (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)))
+                                     (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)),
+                                     tokenizer, sorted(self.loop_config["task_counts"]), self.loop_config["binding_prompts"])
         self.loss = AdapterLoss(AdaptedModel(model, tokenizer, self.hypernet.config), c.cache_prefix,
                                 c.cache_max_bytes, c.label_smoothing, c.l2_adapter, c.contrast_weight,
                                 c.contrast_margin)
@@ -366,6 +374,16 @@ def training_examples(data: str, tasks: list[str] | None) -> pa.Table:
     return ex.select(["user_id", "task"])
 
 
+def training_prompts(data: str, tasks: list[str] | None) -> list[str]:
+    """The training prompts the label binding starts from (read only when it is on: the inputs are the
+    examples' largest column)."""
+    ex = read_table(os.path.join(data, "examples"), "examples").select(["example_id", "split", "task", "input"])
+    mask = pc.equal(ex.column("split"), "train")
+    if tasks:
+        mask = pc.and_(mask, pc.is_in(ex.column("task"), value_set=pa.array(tasks)))
+    return binding_prompts(ex.filter(mask).select(["example_id", "input"]).to_pylist())
+
+
 def task_counts(examples: pa.Table) -> dict[str, int]:
     counts = pc.value_counts(examples.column("task")).to_pylist()
     return {c["values"]: c["counts"] for c in counts}
@@ -405,7 +423,8 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(), "embed_dim": embed_dim, "input_stats": stats,
-                           "task_counts": counts},
+                           "task_counts": counts,
+                           "binding_prompts": training_prompts(data, config.tasks) if config.label_binding else []},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(

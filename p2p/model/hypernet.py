@@ -43,6 +43,7 @@ from p2p.errors import P2PError
 from p2p.model.files import CHECKPOINT_CONFIG as CONFIG_FILE
 from p2p.model.files import CHECKPOINT_FILES, read_local_files
 from p2p.model.files import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
+from p2p.model.label_binding import AnswerPosition, bound_modules
 from p2p.model.lora import AdapterBatch, UserAdapter, find_targets, split_users
 
 PRESETS = {
@@ -77,6 +78,11 @@ class HypernetConfig:
     standardize: bool = False  # standardize embeddings with the training users' mean and std (buffers)
     head_init_std: float = 0.0  # std of the heads' initial weights (0: zero heads, no gradient to the trunk)
     head_output_scale: float = 1.0  # heads emit bias + scale * (W h)
+    # Label binding (p2p/model/label_binding.py): the last `label_features` embedding dims are label
+    # statistics, written into the B of the targets whose output is the residual stream (width `hidden`).
+    label_binding: bool = False
+    label_features: int = 0
+    hidden: int = 0
     seed: int = 0
     profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
     extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
@@ -138,6 +144,11 @@ def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int,
             raise P2PError(f"top_k_layers must be in 1..{num_layers}, got {top_k_layers}")
         layers = layers[num_layers - top_k_layers :]
     sizes = {**PRESETS[preset], **overrides}
+    if sizes.get("label_binding"):
+        sizes["hidden"] = model.get_output_embeddings().weight.shape[1]
+        bound_modules(shapes, sizes["hidden"])  # fails now, naming the targets, if none is bound
+        if not 0 < sizes.get("label_features", 0) <= embed_dim:
+            raise P2PError("label_binding needs label statistics in the profile (profile_features > 0)")
     sizes.setdefault("standardize", True)
     sizes.setdefault("head_init_std", 1e-5)
     sizes.setdefault("head_output_scale", sizes["head_in"] ** -0.5)
@@ -184,6 +195,15 @@ class Hypernetwork(nn.Module):
         if c.standardize:
             self.register_buffer("input_mean", torch.zeros(c.embed_dim))
             self.register_buffer("input_std", torch.ones(c.embed_dim))
+        self.bound = bound_modules(c.shapes, c.hidden) if c.label_binding else []
+        if self.bound:
+            self.register_buffer("binding", torch.zeros(c.label_features, c.hidden))
+            self.register_buffer("binding_norm", torch.ones(()))
+            # Rank column 0 of each bound module, per layer: B[:, 0] += gain * u, A[0] += read (set by
+            # `set_label_binding`; zeros until then, which is the adapter without the binding).
+            self.binding_gain = nn.ParameterDict({m: nn.Parameter(torch.zeros(len(c.layers))) for m in self.bound})
+            self.binding_read = nn.ParameterDict(
+                {m: nn.Parameter(torch.zeros(len(c.layers), c.shapes[m][0])) for m in self.bound})
         self.reset_heads()
 
     @torch.no_grad()
@@ -209,6 +229,40 @@ class Hypernetwork(nn.Module):
         self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-4))
 
+    @torch.no_grad()
+    def set_label_binding(self, matrix: torch.Tensor, answer: AnswerPosition, nats: float = 1.0) -> None:
+        """The binding matrix [label_features, hidden] (`label_binding.binding_matrix`) and its starting
+        point from the base model at the answer position (`label_binding.answer_position`), the gain where
+        the logit gaps it writes between labels spread by `nats` over users; call after
+        `set_input_stats`. The written vector u is scaled to unit RMS per dimension over users (from the
+        training users' per-feature std: correlations ignored)."""
+        c = self.config
+        self.binding.copy_(torch.as_tensor(matrix, dtype=torch.float32))
+        std = self.input_std[-c.label_features :] if c.standardize else torch.ones(c.label_features)
+        spread = (std.pow(2) * self.binding.pow(2).sum(1)).sum()
+        self.binding_norm.fill_(float((c.hidden / spread.clamp(min=1e-12)).sqrt()))
+        for m in self.bound:
+            for j, layer in enumerate(c.layers):
+                mu = answer.inputs[(layer, m)]
+                self.binding_read[m][j] = mu / mu.pow(2).sum().clamp(min=1e-12)  # read . mu = 1
+        # The logit change of each label for users drawn with the training users' per-feature spread,
+        # per unit of gain summed over the bound (layer, module)s: the write reaches the final norm along
+        # the residual stream, which divides it by the stream's RMS and multiplies it by the norm weight.
+        shares = torch.randn(256, c.label_features, generator=torch.Generator().manual_seed(c.seed)) * std
+        u = (shares @ self.binding) * self.binding_norm  # [users, hidden]
+        labels = self.binding[self.binding.abs().sum(1) > 0]  # [labels, hidden]
+        logits = (labels * answer.norm_weight) @ u.T / answer.rms  # [labels, users]
+        per_unit = c.scale * len(self.bound) * len(c.layers) * float((logits - logits.mean(0)).std())
+        for m in self.bound:
+            self.binding_gain[m].fill_(nats / max(per_unit, 1e-12))  # ~`nats` between labels, over users
+
+    def bound_vector(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[U, hidden]: each user's centred label shares along their labels' output directions."""
+        shares = embeddings[:, -self.config.label_features :]
+        if self.config.standardize:
+            shares = shares - self.input_mean[-self.config.label_features :]
+        return (shares @ self.binding) * self.binding_norm
+
     def shared_embedding(self) -> torch.Tensor:
         """The embedding of 'no user': the training mean (all zeros once standardized)."""
         if self.config.standardize:
@@ -229,6 +283,7 @@ class Hypernetwork(nn.Module):
         n_users, n_layers, n_mod = embeddings.shape[0], len(c.layers), len(c.target_modules)
         weight = self.user_proj.weight
         embeddings = embeddings.to(device=weight.device, dtype=torch.float32)
+        bound = self.bound_vector(embeddings) if self.bound else None
         if c.standardize:
             embeddings = (embeddings - self.input_mean) / self.input_std
         # Mixed precision (DeepSpeed bf16/fp16 casts the module): inputs follow the weights' dtype.
@@ -250,6 +305,11 @@ class Hypernetwork(nn.Module):
             flat = head.bias + F.linear(h[:, j], head.weight) * c.head_output_scale  # [U, L, r (in + out)]
             a = flat[..., : c.rank * fan_in].reshape(n_users, n_layers, c.rank, fan_in)
             b = flat[..., c.rank * fan_in :].reshape(n_users, n_layers, fan_out, c.rank)
+            if bound is not None and name in self.binding_gain:
+                read = self.binding_read[name].to(a.dtype)  # [L, in]
+                write = self.binding_gain[name].to(b.dtype)[None, :, None] * bound.to(b.dtype)[:, None, :]  # [U, L, out]
+                a = torch.cat([a[:, :, :1] + read[None, :, None, :], a[:, :, 1:]], dim=2)
+                b = torch.cat([b[..., :1] + write[..., None], b[..., 1:]], dim=-1)
             out[name] = (a, b)
         return out
 

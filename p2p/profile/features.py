@@ -78,6 +78,19 @@ def profile_features(history: list[dict], config: ProfileConfig) -> np.ndarray:
     for kind, counts in by_kind.items():
         total = sum(counts.values()) / (3 if kind == "text" else 1)  # 3 tokens per written answer
         for token, c in counts.items():
-            h = int.from_bytes(hashlib.blake2b(f"{kind}|{token}".encode(), digest_size=8).digest(), "little")
-            out[h % config.features] += c / total
+            out[_bin(kind, token, config.features)] += c / total
     return out
+
+
+def _bin(kind: str, token: str, features: int) -> int:
+    h = int.from_bytes(hashlib.blake2b(f"{kind}|{token}".encode(), digest_size=8).digest(), "little")
+    return h % features
+
+
+def label_bin(label: str, features: int) -> int | None:
+    """The bin whose value is this label's share of a user's answers (a category or a score; a written
+    answer's statistics are about its form, not the label, so it has none)."""
+    kind = label_kind([label])
+    if kind == "text" or not features:
+        return None
+    return _bin(kind, label_tokens(label)[0], features)

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from p2p.config import TrainConfig
+from p2p.errors import P2PError
 from p2p.model.adapted import AdaptedModel
-from p2p.model.hypernet import HypernetConfig, Hypernetwork, make_config, save_hypernet
+from p2p.model.hypernet import HypernetConfig, Hypernetwork, adapter_paths, make_config, save_hypernet
+from p2p.model.label_binding import answer_position, binding_matrix, labels_of_tasks
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import Batch, batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
@@ -159,20 +161,41 @@ def hypernet_config_for(config: TrainConfig, model: nn.Module, embed_dim: int) -
         model, config.base, config.encoder, embed_dim, preset=config.preset, rank=config.rank, alpha=config.alpha,
         target_modules=tuple(config.targets), top_k_layers=config.top_k_layers, seed=config.seed,
         use_rslora=config.use_rslora, profile=config.profile_config(), standardize=config.standardize_inputs,
-        head_init_std=config.head_init_std,
+        head_init_std=config.head_init_std, label_binding=config.label_binding,
+        label_features=config.profile_features if config.label_binding else 0,
         **({"head_output_scale": config.head_output_scale} if config.head_output_scale is not None else {}),
     )
     hconfig.extra.update({"max_seq_len": config.max_seq_len, "control": config.control})
     return hconfig
 
 
-def new_hypernet(config: TrainConfig, model: nn.Module, embed_dim: int,
-                 stats: tuple[np.ndarray, np.ndarray]) -> Hypernetwork:
-    """A fresh hypernet for `model`, its inputs standardized with the training users' (mean, std)."""
+# Training prompts whose answer position starts the label binding (p2p/model/label_binding.py).
+BINDING_PROMPTS = 32
+
+
+def new_hypernet(config: TrainConfig, model: nn.Module, embed_dim: int, stats: tuple[np.ndarray, np.ndarray],
+                 tokenizer=None, tasks: Iterable[str] = (), prompts: list[str] = ()) -> Hypernetwork:
+    """A fresh hypernet for `model`, its inputs standardized with the training users' (mean, std);
+    with `label_binding`, bound to the labels of the training `tasks` as `tokenizer` spells them,
+    starting from the answer position of training `prompts`."""
     torch.manual_seed(config.seed)
     hypernet = Hypernetwork(hypernet_config_for(config, model, embed_dim))
     hypernet.set_input_stats(*stats)
+    if config.label_binding:
+        if not prompts:
+            raise P2PError("label_binding: no training prompts to start the binding from")
+        matrix = binding_matrix(model.get_output_embeddings().weight, tokenizer, labels_of_tasks(tasks),
+                                config.profile_features)
+        fmt = PromptFormat(tokenizer)
+        ids = [fmt.ids(p, config.max_seq_len) for p in prompts[:BINDING_PROMPTS]]
+        paths = {k: v for k, v in adapter_paths(hypernet.config).items() if k[1] in hypernet.bound}
+        hypernet.set_label_binding(matrix, answer_position(model, ids, paths), config.label_binding_nats)
     return hypernet
+
+
+def binding_prompts(rows: list[dict]) -> list[str]:
+    """The training prompts the label binding starts from: a fixed pseudo-random sample (by example id)."""
+    return [r["input"] for r in val_rows_sample(rows, BINDING_PROMPTS)]
 
 
 def lr_lambda(config: TrainConfig, start_step: int = 0) -> Callable[[int], float]:
@@ -224,7 +247,8 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
                 embed_dim: int, run_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
     """The plain single-process run: what the distributed job does, minus distribution."""
     check_task_weights(config, (r["task"] for r in train_rows))
-    hypernet = new_hypernet(config, model, embed_dim, embedding_stats(user_embeddings(train_rows)))
+    hypernet = new_hypernet(config, model, embed_dim, embedding_stats(user_embeddings(train_rows)), tokenizer,
+                            sorted({r["task"] for r in train_rows}), binding_prompts(train_rows))
     mean = hypernet.shared_embedding().numpy()
     train_rows, val_rows = as_control(train_rows, config.control, mean), as_control(val_rows, config.control, mean)
     loss = AdapterLoss(AdaptedModel(model, tokenizer, hypernet.config), config.cache_prefix, config.cache_max_bytes,

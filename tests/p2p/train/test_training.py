@@ -181,6 +181,25 @@ def test_local_loop_learns_and_keeps_best(tiny, train_data, tmp_path):
 
 
 
+def test_the_local_loop_trains_a_label_binding_from_its_training_prompts(tiny, train_data, tmp_path):
+    """`label_binding` through the loop: the binding starts from the training prompts and the tag task's
+    labels, its parameters train, and the checkpoint serves the same adapters."""
+    train, val = local_rows(train_data)
+    cfg = TrainConfig(**{**TINY, "targets": ["q_proj", "o_proj"]}, label_binding=True, max_steps=6, eval_every=6)
+    out = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:16], val, DIM, run_dir=str(tmp_path),
+                      log=lambda s: None)
+    assert out["history"][-1]["step"] == 6
+    hypernet, _ = load_hypernet(str(tmp_path / "latest"))
+    assert hypernet.bound == ["o_proj"] and hypernet.binding.abs().sum(1).nonzero().numel() > 0
+    fresh = TrainConfig(**{**TINY, "targets": ["q_proj", "o_proj"]}, label_binding=True)
+    from p2p.train.examples import embedding_stats, user_embeddings
+    from p2p.train.loop import binding_prompts, new_hypernet
+
+    start = new_hypernet(fresh, tiny[0], DIM, embedding_stats(user_embeddings(train[:16])), tiny[1], ["tag"],
+                         binding_prompts(train[:16]))
+    assert not torch.equal(start.binding_gain["o_proj"], hypernet.binding_gain["o_proj"])  # it trained
+    torch.testing.assert_close(start.binding, hypernet.binding)  # the buffer is the model's, not learned
+
 
 def test_retrieval_control_trains_on_prompts_that_hold_the_users_profile(tiny, train_data):
     from p2p.task.prompt import PromptFormat
