@@ -1,0 +1,100 @@
+"""Does the label binding point the right way, and how strongly does it start? (LaMP-2-shaped val users)
+
+    python -m bench.lamp_binding_probe --data /tmp/lamph [--users 40] [--nats 1,3,10]
+
+Two figures, without any training:
+- `direction`: for each val user, the higher of the movie's two themes by the binding's logit shift
+  `E_t . u` (u = the user's centred label shares along the labels' output embeddings), against the
+  count rule (the theme with the larger share). Says whether the fixed map points at the user's labels.
+- `untrained`: a fresh hypernet with `label_binding_nats` = each of `--nats`, the base model otherwise
+  untrained: the theme whose first answer token has the higher log-probability after the prompt, with
+  the user's own profile and with the next val user's. This is a choice between the two themes the movie
+  names (told to the probe), not decoding: the untrained model does not answer in the tag format.
+
+Writes bench/results/lamp_binding_probe.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from bench.lamp_shaped import THEMES
+from bench.report import write
+from p2p.config import load_config
+from p2p.data.schemas import read_table
+from p2p.evaluation.stats import mean_ci
+from p2p.model.adapted import AdaptedModel
+from p2p.model.base import load_base_model
+from p2p.model.label_binding import binding_matrix
+from p2p.profile.features import label_bin
+from p2p.task.prompt import PromptFormat
+from p2p.task.registry import LAMP_2_TAGS
+from p2p.train.examples import embedding_stats, example_rows, user_embeddings
+from p2p.train.loop import binding_prompts, new_hypernet
+
+CONFIG = "jobs/configs/train-quality-lamp-binding.yaml"
+
+
+def themes_of(prompt: str) -> list[str]:
+    return [t for t in LAMP_2_TAGS if any(phrase in prompt for phrase in THEMES[t])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="the import of bench.lamp_shaped's files, with profiles")
+    ap.add_argument("--users", type=int, default=40, help="val users for the untrained choice")
+    ap.add_argument("--nats", default="1,3,10")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    config = load_config(CONFIG)
+    model, tok = load_base_model(config.base)
+    profiles = read_table(os.path.join(args.data, "profiles"), "profiles")
+    train, val = example_rows(args.data, profiles, ("train",)), example_rows(args.data, profiles, ("val",))
+    stats = embedding_stats(user_embeddings(train))
+    first = {t: tok(t, add_special_tokens=False)["input_ids"][0] for t in LAMP_2_TAGS}
+    out_emb = model.get_output_embeddings().weight.detach()
+    matrix = binding_matrix(out_emb, tok, list(LAMP_2_TAGS), config.profile_features)
+    bins = {t: label_bin(t, config.profile_features) for t in LAMP_2_TAGS}
+
+    rows, direction, rule = [], [], []
+    for e in val:
+        shares = np.asarray(e["embedding"], np.float32)[-config.profile_features :]
+        u = torch.from_numpy(shares - stats[0][-config.profile_features :]) @ matrix
+        themes = themes_of(e["input"])
+        direction.append(float(max(themes, key=lambda t: float(out_emb[first[t]] @ u)) == e["target"]))
+        rule.append(float(max(themes, key=lambda t: (shares[bins[t]], t)) == e["target"]))
+    rows.append({"figure": "direction: the theme E_t . u favours", "users": len(val),
+                 "accuracy": _ci(direction)})
+    rows.append({"figure": "the count rule (larger share)", "users": len(val), "accuracy": _ci(rule)})
+
+    fmt, probe = PromptFormat(tok), val[: args.users]
+    for nats in (float(x) for x in args.nats.split(",")):
+        hypernet = new_hypernet(config.model_copy(update={"label_binding_nats": nats}), model,
+                                len(train[0]["embedding"]), stats, tok, ["LaMP_2"], binding_prompts(train))
+        adapted = AdaptedModel(model, tok, hypernet.config)
+        hits = {"own": [], "another user's": []}
+        for k, e in enumerate(probe):
+            themes, ids = themes_of(e["input"]), torch.tensor([fmt.ids(e["input"])])
+            for who, profile in (("own", e), ("another user's", probe[(k + 1) % len(probe)])):
+                with torch.no_grad(), adapted.applied(hypernet(torch.tensor([profile["embedding"]]))):
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+                hits[who].append(float(max(themes, key=lambda t: float(logp[first[t]])) == e["target"]))
+        for who, h in hits.items():
+            rows.append({"figure": f"untrained, {nats:g} nats, {who} profile", "users": len(probe),
+                         "accuracy": _ci(h)})
+    write("lamp_binding_probe", rows, {"config": CONFIG, "val users": len(val)}, args.out)
+    return 0
+
+
+def _ci(hits: list[float]) -> str:
+    """Mean and 95% bootstrap interval (one question per user, so over users)."""
+    ci = mean_ci(hits, [str(i) for i in range(len(hits))])
+    return f"{ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
