@@ -261,7 +261,7 @@ class Hypernetwork(nn.Module):
         shares = embeddings[:, -self.config.label_features :]
         if self.config.standardize:
             shares = shares - self.input_mean[-self.config.label_features :]
-        return (shares @ self.binding) * self.binding_norm
+        return (shares.to(self.binding.dtype) @ self.binding) * self.binding_norm  # bf16 under DeepSpeed
 
     def shared_embedding(self) -> torch.Tensor:
         """The embedding of 'no user': the training mean (all zeros once standardized)."""

@@ -155,3 +155,11 @@ def test_binding_needs_a_residual_output_target_and_label_statistics(tiny):
                      ["LaMP_2"], PROMPTS)
     with pytest.raises(ValueError, match="profile_features"):
         _config(profile_features=0)
+
+
+def test_the_bound_hypernet_runs_cast_to_bf16(tiny):
+    """DeepSpeed's bf16 casts the module, buffers included; the binding follows the weights' dtype."""
+    users = torch.tensor(_users())
+    hypernet = _hypernet(tiny).to(torch.bfloat16)
+    a, b = hypernet(users)["o_proj"]
+    assert b.dtype == torch.bfloat16 and torch.isfinite(b.float()).all()
