@@ -92,7 +92,11 @@ class HypernetConfig:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=2)
+        data = asdict(self)
+        if not self.label_binding:  # a hypernet without the binding keeps the content hash it had before it existed
+            for name in ("label_binding", "label_features", "hidden"):
+                data.pop(name)
+        return json.dumps(data, sort_keys=True, indent=2)
 
     @classmethod
     def from_dict(cls, data: dict) -> HypernetConfig:
