@@ -361,27 +361,18 @@ def training_datasets(data: str, profiles: pa.Table, config: TrainConfig) -> tup
     return split("train"), split("val")
 
 
-def training_examples(data: str, tasks: list[str] | None) -> pa.Table:
-    """(user_id, task) of every training example of `tasks`: what the driver knows before Ray Train starts."""
+def training_examples(data: str, tasks: list[str] | None, prompts: bool = False) -> pa.Table:
+    """(user_id, task) of every training example of `tasks`: what the driver knows before Ray Train
+    starts; with `prompts`, also (example_id, input), which the label binding starts from."""
 
-    ex = read_table(os.path.join(data, "examples"), "examples").select(["user_id", "split", "task"])
+    ex = read_table(os.path.join(data, "examples"), "examples")
     mask = pc.equal(ex.column("split"), "train")
     if tasks:
         mask = pc.and_(mask, pc.is_in(ex.column("task"), value_set=pa.array(tasks)))
     ex = ex.filter(mask)
     if not len(ex):
         raise P2PError(f"{data}/examples: no training examples" + (f" for tasks {tasks}" if tasks else ""))
-    return ex.select(["user_id", "task"])
-
-
-def training_prompts(data: str, tasks: list[str] | None) -> list[str]:
-    """The training prompts the label binding starts from (read only when it is on: the inputs are the
-    examples' largest column)."""
-    ex = read_table(os.path.join(data, "examples"), "examples").select(["example_id", "split", "task", "input"])
-    mask = pc.equal(ex.column("split"), "train")
-    if tasks:
-        mask = pc.and_(mask, pc.is_in(ex.column("task"), value_set=pa.array(tasks)))
-    return binding_prompts(ex.filter(mask).select(["example_id", "input"]).to_pylist())
+    return ex.select(["user_id", "task"] + (["example_id", "input"] if prompts else []))
 
 
 def task_counts(examples: pa.Table) -> dict[str, int]:
@@ -401,7 +392,8 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
                  log=print) -> dict:
     """Train and write OUT/latest and OUT/best (hypernet checkpoint folders); return a summary."""
 
-    examples = training_examples(data, config.tasks)  # a weight naming no task fails before Ray starts
+    # A weight naming no task fails before Ray starts.
+    examples = training_examples(data, config.tasks, prompts=config.label_binding)
     counts = task_counts(examples)
     check_task_weights(config, counts)
     ensure_ray()
@@ -424,7 +416,8 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(), "embed_dim": embed_dim, "input_stats": stats,
                            "task_counts": counts,
-                           "binding_prompts": training_prompts(data, config.tasks) if config.label_binding else []},
+                           "binding_prompts": binding_prompts(examples.select(["example_id", "input"]).to_pylist())
+                           if config.label_binding else []},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(

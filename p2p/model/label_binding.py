@@ -13,9 +13,8 @@ and rank of each bound module), not a [features x hidden] map per label.
 
 The adapter stays a plain LoRA: rank column 0 of each bound module carries it, B[:, 0] += gain[l] * u
 and A[0] += read[l]. Both start where the written vector does something from step 0, because a gain
-that starts at 0 does not learn here: its gradient changes sign from batch to batch (the user's choice
-agrees with their shares ~3 times in 4), and 300 steps of Adam left it a random walk at ~0.005
-(docs/quality.md). So
+that starts at 0 did not learn here: its gradient changed sign from batch to batch (the user's choice
+agrees with their shares ~3 times in 4), and 300 steps of Adam left it a random walk around 0. So
 - `read[l]` starts at mu / |mu|^2, with mu the module's mean input at the position that predicts the
   first answer token over a few training prompts: read . x = 1 there (std ~0.02 on LaMP-2 prompts);
 - `gain[l]` starts where the logit gaps the write makes between labels spread by `label_binding_nats`
