@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from bench.lamp_shaped import THEMES
+from bench.lamp_shaped import themes_of
 from bench.report import write
 from p2p.config import load_config
 from p2p.data.schemas import read_table
@@ -39,10 +39,6 @@ from p2p.train.examples import embedding_stats, example_rows, user_embeddings
 from p2p.train.loop import binding_prompts, new_hypernet
 
 CONFIG = "jobs/configs/train-quality-lamp-binding.yaml"
-
-
-def themes_of(prompt: str) -> list[str]:
-    return [t for t in LAMP_2_TAGS if any(phrase in prompt for phrase in THEMES[t])]
 
 
 def main(argv: list[str] | None = None) -> int:

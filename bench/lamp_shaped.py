@@ -63,6 +63,11 @@ PRODUCTS = ["blender", "pair of headphones", "backpack", "coffee grinder", "desk
             "phone case", "office chair", "water bottle"]
 
 
+def themes_of(prompt: str) -> list[str]:
+    """The two themes a LaMP-2-shaped question's movie names (from its phrases), in LaMP_2_TAGS order."""
+    return [t for t in LAMP_2_TAGS if any(phrase in prompt for phrase in THEMES[t])]
+
+
 def movie(rng: random.Random, themes: tuple[str, str]) -> str:
     a, b = (rng.choice(THEMES[t]) for t in themes)
     return f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {a}, {b}."

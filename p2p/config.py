@@ -63,6 +63,9 @@ class TrainConfig(StrictConfig):
     # writes, in nats. 1 was too weak to move the answers of a trained model; 3 makes the untrained
     # model answer like the count rule on val users (docs/quality.md).
     label_binding_nats: PositiveFloat = 3.0
+    # False: the binding's read and gain stay at their start and only the rest of the hypernet trains
+    # around them. An ablation: it scored below the trained binding on val users (docs/quality.md).
+    label_binding_trained: bool = True
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: Positive = 256  # prompt + target tokens; a longer prompt loses the middle of its user text

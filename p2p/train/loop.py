@@ -190,6 +190,9 @@ def new_hypernet(config: TrainConfig, model: nn.Module, embed_dim: int, stats: t
         ids = [fmt.ids(p, config.max_seq_len) for p in prompts[:BINDING_PROMPTS]]
         paths = {k: v for k, v in adapter_paths(hypernet.config).items() if k[1] in hypernet.bound}
         hypernet.set_label_binding(matrix, answer_position(model, ids, paths), config.label_binding_nats)
+        if not config.label_binding_trained:
+            hypernet.binding_gain.requires_grad_(False)
+            hypernet.binding_read.requires_grad_(False)
     return hypernet
 
 
@@ -213,7 +216,8 @@ def lr_lambda(config: TrainConfig, start_step: int = 0) -> Callable[[int], float
 
 def optimizer_for(config: TrainConfig, hypernet: Hypernetwork, start_step: int = 0):
     """(AdamW, its warmup + cosine schedule): the same for the local run and every Ray worker."""
-    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = [p for p in hypernet.parameters() if p.requires_grad]  # a fixed label binding stays out
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, start_step))
 
 

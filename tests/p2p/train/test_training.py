@@ -201,6 +201,23 @@ def test_the_local_loop_trains_a_label_binding_from_its_training_prompts(tiny, t
     torch.testing.assert_close(start.binding, hypernet.binding)  # the buffer is the model's, not learned
 
 
+def test_a_fixed_label_binding_stays_at_its_start_while_the_rest_trains(tiny, train_data, tmp_path):
+    from p2p.train.examples import embedding_stats, user_embeddings
+    from p2p.train.loop import binding_prompts, new_hypernet
+
+    train, val = local_rows(train_data)
+    cfg = TrainConfig(**{**TINY, "targets": ["q_proj", "o_proj"]}, label_binding=True, label_binding_trained=False,
+                      max_steps=4, eval_every=4)
+    train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:16], val, DIM, run_dir=str(tmp_path), log=lambda s: None)
+    hypernet, _ = load_hypernet(str(tmp_path / "latest"))
+    start = new_hypernet(cfg, tiny[0], DIM, embedding_stats(user_embeddings(train[:16])), tiny[1], ["tag"],
+                         binding_prompts(train[:16]))
+    assert start.binding_gain["o_proj"].abs().sum() > 0
+    for name in ("binding_gain", "binding_read"):
+        torch.testing.assert_close(getattr(start, name)["o_proj"], getattr(hypernet, name)["o_proj"], rtol=0, atol=0)
+    assert not torch.equal(start.heads["o_proj"].weight, hypernet.heads["o_proj"].weight)  # the rest trained
+
+
 def test_retrieval_control_trains_on_prompts_that_hold_the_users_profile(tiny, train_data):
     from p2p.task.prompt import PromptFormat
     from p2p.train.batch import collate

@@ -1,0 +1,61 @@
+"""Where a LaMP-2-shaped answer is lost: naming one of the movie's two themes (the task), or picking
+the one this user prefers (the user)? Read off an evaluation's saved answers; no model runs.
+
+Every LaMP-2-shaped movie names two themes and the gold tag is the one the user ranks higher, so an
+answer's accuracy splits into the share of answers that are one of the two themes and the accuracy
+among those. A method that learned the task but not the user sits near 1.0 and 0.5.
+
+    python -m bench.lamp_two_themes --report OUT --questions DIR/val_questions.json --outputs DIR/val_outputs.json
+
+OUT is a `p2p eval` or `bench.val_eval` output folder (OUT/lamp/<method>/LaMP_2.json: each method's
+answers in LaMP's format); DIR is what `bench.lamp_shaped` wrote. Writes bench/results/lamp_two_themes.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from bench.lamp_shaped import themes_of
+from bench.report import write
+from p2p.evaluation.stats import mean_ci
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", required=True, help="an evaluation's output folder")
+    ap.add_argument("--questions", required=True, help="LaMP questions JSON of the scored split")
+    ap.add_argument("--outputs", required=True, help="its LaMP outputs JSON (the golds)")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    lamp = os.path.join(args.report, "lamp")
+    with open(args.questions) as f:
+        questions = {q["id"]: q["input"] for q in json.load(f)}
+    with open(args.outputs) as f:
+        golds = {g["id"]: g["output"] for g in json.load(f)["golds"] if g["id"] in questions}
+    rows = []
+    for method in sorted(d for d in os.listdir(lamp) if os.path.isfile(os.path.join(lamp, d, "LaMP_2.json"))):
+        with open(os.path.join(lamp, method, "LaMP_2.json")) as f:
+            answers = {g["id"]: g["output"].strip() for g in json.load(f)["golds"] if g["id"] in golds}
+        ids = sorted(answers)
+        named = [float(answers[i] in themes_of(questions[i])) for i in ids]
+        among = [i for i, n in zip(ids, named, strict=True) if n]
+        rows.append({"method": method, "users": len(ids),
+                     "accuracy": _ci([float(answers[i] == golds[i]) for i in ids], ids),
+                     "one of the two themes": _ci(named, ids),
+                     "accuracy among those": _ci([float(answers[i] == golds[i]) for i in among], among)})
+    if not rows:
+        raise SystemExit(f"{lamp}: no method's LaMP_2.json answers")
+    write("lamp_two_themes", rows, {"report": args.report, "questions": args.questions}, args.out)
+    return 0
+
+
+def _ci(hits: list[float], ids: list[str]) -> str:
+    """Mean and 95% bootstrap interval over users (one question per user)."""
+    ci = mean_ci(hits, ids)
+    return f"{ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
