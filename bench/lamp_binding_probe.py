@@ -115,8 +115,7 @@ def _read_spread(model, hypernet, ids: list[list[int]]) -> str:
 
 def _ci(hits: list[float]) -> str:
     """Mean and 95% bootstrap interval (one question per user, so over users)."""
-    ci = mean_ci(hits, [str(i) for i in range(len(hits))])
-    return f"{ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+    return mean_ci(hits, [str(i) for i in range(len(hits))]).text()
 
 
 if __name__ == "__main__":

@@ -42,19 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         named = [float(answers[i] in themes_of(questions[i])) for i in ids]
         among = [i for i, n in zip(ids, named, strict=True) if n]
         rows.append({"method": method, "users": len(ids),
-                     "accuracy": _ci([float(answers[i] == golds[i]) for i in ids], ids),
-                     "one of the two themes": _ci(named, ids),
-                     "accuracy among those": _ci([float(answers[i] == golds[i]) for i in among], among)})
+                     "accuracy": mean_ci([float(answers[i] == golds[i]) for i in ids], ids).text(),
+                     "one of the two themes": mean_ci(named, ids).text(),
+                     "accuracy among those": mean_ci([float(answers[i] == golds[i]) for i in among], among).text()})
     if not rows:
         raise SystemExit(f"{lamp}: no method's LaMP_2.json answers")
     write("lamp_two_themes", rows, {"report": args.report, "questions": args.questions}, args.out)
     return 0
-
-
-def _ci(hits: list[float], ids: list[str]) -> str:
-    """Mean and 95% bootstrap interval over users (one question per user)."""
-    ci = mean_ci(hits, ids)
-    return f"{ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in args.reports:
         ci = mean_ci(scores[r], users, samples=args.bootstrap)
-        rows.append({"report": r, "versus": "", f"{task.primary} [95% CI]": f"{ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"})
+        rows.append({"report": r, "versus": "", f"{task.primary} [95% CI]": ci.text()})
     for a, b in itertools.combinations(args.reports, 2):
         ci = paired_diff_ci(scores[a], scores[b], users, samples=args.bootstrap)
         rows.append({"report": a, "versus": b,

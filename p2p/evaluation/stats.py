@@ -22,6 +22,10 @@ class Interval:
     def as_list(self) -> list[float]:
         return [self.value, self.low, self.high]
 
+    def text(self) -> str:
+        """`0.553 [0.465, 0.640]`: how the benches' tables print a figure with its interval."""
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
 
 def _user_sums(values: list[float], users: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     order = sorted(set(users))
