@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,6 +25,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_on_a_free_port(serve, deploy: Callable[[], None], tries: int = 3) -> int:
+    """Start Ray Serve's proxy on a free port and `deploy` onto it; the port.
+
+    Why a retry: a port `free_port` found free can be taken by another process before the proxy binds
+    it (CI saw "Failed to bind to address '127.0.0.1:38399'" in a fixture), and there is no way to hand
+    the proxy an already-bound socket."""
+    for attempt in range(tries):
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            deploy()
+            return port
+        except RuntimeError as e:
+            if "Failed to bind" not in str(e) or attempt == tries - 1:
+                raise
+            serve.shutdown()
+    raise AssertionError("unreachable")
 
 
 def commit(store: AdapterStore, hypernet_dir: str, users: list[str], seed: int, scale: float = 1.0) -> str:

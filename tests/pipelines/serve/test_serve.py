@@ -15,7 +15,16 @@ import time
 import numpy as np
 import pytest
 import requests
-from serve_support import ADMIN_KEY, PROMPT, SERVICE_KEY, USERS, Offline, commit, free_port
+from serve_support import (
+    ADMIN_KEY,
+    PROMPT,
+    SERVICE_KEY,
+    USERS,
+    Offline,
+    commit,
+    free_port,
+    serve_on_a_free_port,
+)
 
 from p2p.model.files import ADAPTER_WEIGHTS
 from p2p.model.peft_format import adapter_from_files
@@ -37,15 +46,13 @@ def served(ray_cluster, tiny_hypernet, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store = AdapterStore(str(root / "store"))
     run_id = commit(store, tiny_hypernet, USERS, seed=1, scale=20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     os.environ[SECRET_ENV] = TOKEN_SECRET  # read by build_app in this driver, passed to the replicas
     try:
         app = build_app(store.uri, recheck_s=0.2, max_batch_size=16, service_key=SERVICE_KEY, admin_key=ADMIN_KEY,
                         limits=Limits(max_body_bytes=256 * 1024, max_tokens=1000, max_history_items=50))
     finally:
         del os.environ[SECRET_ENV]
-    serve.run(app, name="p2p", route_prefix="/", blocking=False)
+    port = serve_on_a_free_port(serve, lambda: serve.run(app, name="p2p", route_prefix="/", blocking=False))
     url = f"http://127.0.0.1:{port}"
     assert requests.get(f"{url}/healthz", timeout=60).json() == {"status": "ok"}
     yield {"url": url, "store": store, "run_id": run_id, "port": port, "offline": Offline(tiny_hypernet)}

@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
-from serve_support import ADMIN_KEY, PROMPT, SERVICE_KEY, USERS, Offline, commit, free_port
+from serve_support import ADMIN_KEY, PROMPT, SERVICE_KEY, USERS, Offline, commit, serve_on_a_free_port
 
 from p2p.model.peft_format import adapter_from_files
 from p2p.store import AdapterStore
@@ -31,12 +31,11 @@ def served(ray_cluster, tiny_hypernet, tmp_path_factory):
 
     store = AdapterStore(str(tmp_path_factory.mktemp("openai") / "store"))
     commit(store, tiny_hypernet, USERS, seed=1, scale=20)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Small limits keep every fuzzed request cheap: at most 4 choices of 8 tokens, 64 KB bodies.
     limits = Limits(max_body_bytes=64 * 1024, max_tokens=8, max_choices=4, max_history_items=20)
-    serve.run(build_app(store.uri, recheck_s=0.2, service_key=SERVICE_KEY, admin_key=ADMIN_KEY, limits=limits),
-              name="p2p", route_prefix="/", blocking=False)
+    port = serve_on_a_free_port(serve, lambda: serve.run(
+        build_app(store.uri, recheck_s=0.2, service_key=SERVICE_KEY, admin_key=ADMIN_KEY, limits=limits),
+        name="p2p", route_prefix="/", blocking=False))
     url = f"http://127.0.0.1:{port}"
     requests.get(f"{url}/healthz", timeout=60).raise_for_status()
     yield {"url": url, "store": store, "offline": Offline(tiny_hypernet)}
