@@ -87,6 +87,7 @@ def _ds_config(config: TrainConfig) -> dict:
 def _rows(batch: dict) -> list[dict]:
     n = len(batch["example_id"])
     keys = ("example_id", "user_id", "task", "input", "target", "embedding")
+    keys += ("profile_text",) if "profile_text" in batch else ()  # the retrieval control's prompts hold it
     return [{k: batch[k][i] for k in keys} for i in range(n)]
 
 
@@ -402,13 +403,15 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     with open(os.path.join(out, "train_config.json"), "w") as f:
         json.dump(config.model_dump(), f, indent=2)
     profiles = profiles or _profiles_for(data, out, config, log)
-    table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"])
+    reads_text = config.control == "retrieval"  # the retrieval control's prompts hold the profile text
+    table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"]
+                                                    + (["profile_text"] if reads_text else []))
     expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
     made_by = table.column("encoder")[0].as_py() if len(table) else expected
     if made_by != expected:
         raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
                        f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
-    table = table.select(["user_id", "embedding"] + (["profile_text"] if config.control == "retrieval" else []))
+    table = table.select(["user_id", "embedding"] + (["profile_text"] if reads_text else []))
     embed_dim = table.schema.field("embedding").type.list_size
     stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)

@@ -91,6 +91,23 @@ def test_ray_zero0_single_worker_first_loss_equals_local(ray_cluster, tiny, trai
     ray_loss = metrics(tmp_path / "run")[0]["loss"]
     assert_same_losses([ray_loss], [local["history"][0]["loss"]], what="Ray Train vs the local loop")
 
+@pytest.mark.slow
+def test_ray_retrieval_control_reads_the_profile_text_like_the_local_loop(ray_cluster, tiny, train_data, tmp_path):
+    # `p2p train --with-retrieval` once failed in the driver and then in the workers: the profile text
+    # was dropped on its way to the prompt. Its first loss through Ray is the local loop's.
+    small = few_train_users(train_data, tmp_path / "data", 2)
+    train_rows, val_rows = local_rows(small)
+    cfg = {"workers": 1, "zero_stage": 0, "max_steps": 1, "eval_every": 1, "log_every": 1, "control": "retrieval",
+           "max_seq_len": 512}
+    local = train_local(config_from_dict({**TINY, **cfg}), copy.deepcopy(tiny[0]), tiny[1], train_rows, val_rows,
+                        DIM, log=lambda s: None)
+    shared = train_local(config_from_dict({**TINY, **cfg, "control": "shared"}), copy.deepcopy(tiny[0]), tiny[1],
+                         train_rows, val_rows, DIM, log=lambda s: None)
+    assert local["history"][0]["loss"] != shared["history"][0]["loss"]  # the profile text changes the loss
+    train(cfg, small, tmp_path / "run")
+    ray_loss = metrics(tmp_path / "run")[0]["loss"]
+    assert_same_losses([ray_loss], [local["history"][0]["loss"]], what="the retrieval control, Ray Train vs local")
+
 def train_worker_pids() -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
