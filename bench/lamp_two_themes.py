@@ -3,7 +3,9 @@ the one this user prefers (the user)? Read off an evaluation's saved answers; no
 
 Every LaMP-2-shaped movie names two themes and the gold tag is the one the user ranks higher, so an
 answer's accuracy splits into the share of answers that are one of the two themes and the accuracy
-among those. A method that learned the task but not the user sits near 1.0 and 0.5.
+among those. A method that learned the task but not the user sits near 1.0 and 0.5. Each method is
+set against the history rule on the same questions (the theme the user tagged more often, read off the
+question's own profile: a rule that reads the user, not a control), with a paired interval over users.
 
     python -m bench.lamp_two_themes --report OUT --questions DIR/val_questions.json --outputs DIR/val_outputs.json
 
@@ -17,9 +19,9 @@ import argparse
 import json
 import os
 
-from bench.lamp_shaped import themes_of
+from bench.lamp_shaped import history_rule, themes_of
 from bench.report import write
-from p2p.evaluation.stats import mean_ci
+from p2p.evaluation.stats import mean_ci, paired_diff_ci
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,22 +33,29 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lamp = os.path.join(args.report, "lamp")
     with open(args.questions) as f:
-        questions = {q["id"]: q["input"] for q in json.load(f)}
+        loaded = json.load(f)
+    questions = {q["id"]: q["input"] for q in loaded}
+    rule = {q["id"]: history_rule(q["profile"], tuple(themes_of(q["input"]))) for q in loaded}
     with open(args.outputs) as f:
         golds = {g["id"]: g["output"] for g in json.load(f)["golds"] if g["id"] in questions}
-    rows = []
+    answer_sets = {}
     for method in sorted(d for d in os.listdir(lamp) if os.path.isfile(os.path.join(lamp, d, "LaMP_2.json"))):
         with open(os.path.join(lamp, method, "LaMP_2.json")) as f:
-            answers = {g["id"]: g["output"].strip() for g in json.load(f)["golds"] if g["id"] in golds}
-        ids = sorted(answers)
+            answer_sets[method] = {g["id"]: g["output"].strip() for g in json.load(f)["golds"] if g["id"] in golds}
+    if not answer_sets:
+        raise SystemExit(f"{lamp}: no method's LaMP_2.json answers")
+    answer_sets["history rule"] = {i: rule[i] for i in set().union(*answer_sets.values())}
+    rows = []
+    for method, answers in answer_sets.items():
+        ids = sorted(answers)  # one question per user in LaMP-2: the question id stands for its user
+        right = [float(answers[i] == golds[i]) for i in ids]
         named = [float(answers[i] in themes_of(questions[i])) for i in ids]
         among = [i for i, n in zip(ids, named, strict=True) if n]
-        rows.append({"method": method, "users": len(ids),
-                     "accuracy": mean_ci([float(answers[i] == golds[i]) for i in ids], ids).text(),
+        rows.append({"method": method, "users": len(ids), "accuracy": mean_ci(right, ids).text(),
                      "one of the two themes": mean_ci(named, ids).text(),
-                     "accuracy among those": mean_ci([float(answers[i] == golds[i]) for i in among], among).text()})
-    if not rows:
-        raise SystemExit(f"{lamp}: no method's LaMP_2.json answers")
+                     "accuracy among those": mean_ci([float(answers[i] == golds[i]) for i in among], among).text(),
+                     "accuracy - history rule": paired_diff_ci(right, [float(rule[i] == golds[i]) for i in ids],
+                                                               ids).text()})
     write("lamp_two_themes", rows, {"report": args.report, "questions": args.questions}, args.out)
     return 0
 
