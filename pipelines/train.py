@@ -86,9 +86,7 @@ def _ds_config(config: TrainConfig) -> dict:
 
 def _rows(batch: dict) -> list[dict]:
     n = len(batch["example_id"])
-    keys = ("example_id", "user_id", "task", "input", "target", "embedding")
-    keys += ("profile_text",) if "profile_text" in batch else ()  # the retrieval control's prompts hold it
-    return [{k: batch[k][i] for k in keys} for i in range(n)]
+    return [{k: column[i] for k, column in batch.items()} for i in range(n)]  # what the join attached, profile text too
 
 
 class DeepSpeedStepper:
@@ -411,7 +409,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     if made_by != expected:
         raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
                        f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
-    table = table.select(["user_id", "embedding"] + (["profile_text"] if reads_text else []))
+    table = table.drop_columns(["encoder"])
     embed_dim = table.schema.field("embedding").type.list_size
     stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)
