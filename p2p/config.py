@@ -66,6 +66,14 @@ class TrainConfig(StrictConfig):
     # False: the binding's read and gain stay at their start and only the rest of the hypernet trains
     # around them. An ablation: it scored below the trained binding on val users (docs/quality.md).
     label_binding_trained: bool = True
+    # True: rank column 0 of each bound module carries the binding alone, and its read stays at its start
+    # (the gain trains). Shared with the heads, the column's A[0] . x at the answer position was learned
+    # into a factor that changed sign from user to user and layer to layer, so the trained binding wrote
+    # its shares with a random sign (docs/quality.md, "The binding's column").
+    label_binding_exclusive: bool = False
+    # The binding gain's learning rate, as a multiple of `lr`. Adam moves a weight by about lr per step, and
+    # the gain starts near 0.25, so at 1 it can change by less than itself in a 300-step run.
+    label_binding_lr_scale: PositiveFloat = 1.0
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: Positive = 256  # prompt + target tokens; a longer prompt loses the middle of its user text

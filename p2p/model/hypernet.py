@@ -83,6 +83,9 @@ class HypernetConfig:
     label_binding: bool = False
     label_features: int = 0
     hidden: int = 0
+    # True: rank column 0 of each bound module carries the binding alone (the heads' outputs there are
+    # dropped), so the factor its write is multiplied by, A[0] . x = read . x, cannot change sign per user.
+    label_binding_exclusive: bool = False
     seed: int = 0
     profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
     extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
@@ -96,6 +99,8 @@ class HypernetConfig:
         if not self.label_binding:  # a hypernet without the binding keeps the content hash it had before it existed
             for name in ("label_binding", "label_features", "hidden"):
                 data.pop(name)
+        if not self.label_binding_exclusive:  # nor does a binding that shares its column with the heads
+            data.pop("label_binding_exclusive")
         return json.dumps(data, sort_keys=True, indent=2)
 
     @classmethod
@@ -312,8 +317,12 @@ class Hypernetwork(nn.Module):
             if bound is not None and name in self.binding_gain:
                 read = self.binding_read[name].to(a.dtype)  # [L, in]
                 write = self.binding_gain[name].to(b.dtype)[None, :, None] * bound.to(b.dtype)[:, None, :]  # [U, L, out]
-                a = torch.cat([a[:, :, :1] + read[None, :, None, :], a[:, :, 1:]], dim=2)
-                b = torch.cat([b[..., :1] + write[..., None], b[..., 1:]], dim=-1)
+                if c.label_binding_exclusive:  # column 0 is the binding's alone
+                    a = torch.cat([read[None, :, None, :].expand(n_users, -1, -1, -1), a[:, :, 1:]], dim=2)
+                    b = torch.cat([write[..., None], b[..., 1:]], dim=-1)
+                else:
+                    a = torch.cat([a[:, :, :1] + read[None, :, None, :], a[:, :, 1:]], dim=2)
+                    b = torch.cat([b[..., :1] + write[..., None], b[..., 1:]], dim=-1)
             out[name] = (a, b)
         return out
 

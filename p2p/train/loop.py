@@ -162,6 +162,7 @@ def hypernet_config_for(config: TrainConfig, model: nn.Module, embed_dim: int) -
         target_modules=tuple(config.targets), top_k_layers=config.top_k_layers, seed=config.seed,
         use_rslora=config.use_rslora, profile=config.profile_config(), standardize=config.standardize_inputs,
         head_init_std=config.head_init_std, label_binding=config.label_binding,
+        label_binding_exclusive=config.label_binding and config.label_binding_exclusive,
         label_features=config.profile_features if config.label_binding else 0,
         **({"head_output_scale": config.head_output_scale} if config.head_output_scale is not None else {}),
     )
@@ -192,6 +193,7 @@ def new_hypernet(config: TrainConfig, model: nn.Module, embed_dim: int, stats: t
         hypernet.set_label_binding(matrix, answer_position(model, ids, paths), config.label_binding_nats)
         if not config.label_binding_trained:
             hypernet.binding_gain.requires_grad_(False)
+        if not config.label_binding_trained or config.label_binding_exclusive:
             hypernet.binding_read.requires_grad_(False)
     return hypernet
 
@@ -216,8 +218,12 @@ def lr_lambda(config: TrainConfig, start_step: int = 0) -> Callable[[int], float
 
 def optimizer_for(config: TrainConfig, hypernet: Hypernetwork, start_step: int = 0):
     """(AdamW, its warmup + cosine schedule): the same for the local run and every Ray worker."""
+    gains = {id(p) for p in hypernet.binding_gain.parameters()} if hypernet.bound else set()
     trained = [p for p in hypernet.parameters() if p.requires_grad]  # a fixed label binding stays out
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in trained if id(p) not in gains]}]
+    if any(id(p) in gains for p in trained):
+        groups.append({"params": [p for p in trained if id(p) in gains], "lr": config.lr * config.label_binding_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, start_step))
 
 

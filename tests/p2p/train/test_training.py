@@ -218,6 +218,54 @@ def test_a_fixed_label_binding_stays_at_its_start_while_the_rest_trains(tiny, tr
     assert not torch.equal(start.heads["o_proj"].weight, hypernet.heads["o_proj"].weight)  # the rest trained
 
 
+def test_an_exclusive_label_binding_owns_rank_column_0_and_only_its_gain_trains(tiny, train_data, tmp_path):
+    from p2p.train.examples import embedding_stats, user_embeddings
+    from p2p.train.loop import binding_prompts, new_hypernet
+
+    train, val = local_rows(train_data)
+    cfg = TrainConfig(**{**TINY, "targets": ["q_proj", "o_proj"]}, label_binding=True,
+                      label_binding_exclusive=True, max_steps=4, eval_every=4)
+    train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train[:16], val, DIM, run_dir=str(tmp_path), log=lambda s: None)
+    hypernet, _ = load_hypernet(str(tmp_path / "latest"))
+    start = new_hypernet(cfg, tiny[0], DIM, embedding_stats(user_embeddings(train[:16])), tiny[1], ["tag"],
+                         binding_prompts(train[:16]))
+    torch.testing.assert_close(start.binding_read["o_proj"], hypernet.binding_read["o_proj"], rtol=0, atol=0)
+    assert not torch.equal(start.binding_gain["o_proj"], hypernet.binding_gain["o_proj"])  # the gain trained
+    users = torch.tensor(user_embeddings(train[:16])[:3], dtype=torch.float32)  # three different users
+    with torch.no_grad():
+        a, b = hypernet(users)["o_proj"]
+        write = hypernet.binding_gain["o_proj"][None, :, None] * hypernet.bound_vector(users)[:, None, :]
+    # Column 0 is exactly read (every user alike) and gain * u: nothing the heads emit is added to it ...
+    torch.testing.assert_close(a[:, :, 0], hypernet.binding_read["o_proj"][None].expand(3, -1, -1))
+    torch.testing.assert_close(b[..., 0], write)
+    # ... while the other columns still come from the heads, per user.
+    assert not torch.equal(a[0, :, 1:], a[1, :, 1:])
+    # An exclusive hypernet is a different model from a shared-column one: its content hash says so.
+    shared_column = copy.deepcopy(hypernet.config)
+    shared_column.label_binding_exclusive = False
+    assert '"label_binding_exclusive": true' in hypernet.config.to_json()
+    assert "label_binding_exclusive" not in shared_column.to_json()  # older checkpoints keep their hashes
+
+
+def test_the_binding_gain_learns_at_its_own_rate_and_the_rest_at_lr(tiny, train_data):
+    from p2p.train.examples import embedding_stats, user_embeddings
+    from p2p.train.loop import binding_prompts, new_hypernet, optimizer_for
+
+    train, _ = local_rows(train_data)
+    cfg = TrainConfig(**{**TINY, "targets": ["q_proj", "o_proj"]}, label_binding=True, label_binding_exclusive=True,
+                      label_binding_lr_scale=10.0)
+    hypernet = new_hypernet(cfg, tiny[0], DIM, embedding_stats(user_embeddings(train[:16])), tiny[1], ["tag"],
+                            binding_prompts(train[:16]))
+    optimizer, _ = optimizer_for(cfg, hypernet)
+    rest, gains = optimizer.param_groups
+    assert [p.data_ptr() for p in gains["params"]] == [hypernet.binding_gain["o_proj"].data_ptr()]
+    assert gains["lr"] == pytest.approx(10 * rest["lr"])  # under the same warmup and schedule
+    assert (rest["initial_lr"], gains["initial_lr"]) == pytest.approx((cfg.lr, 10 * cfg.lr))
+    trained = {p.data_ptr() for g in optimizer.param_groups for p in g["params"]}
+    assert hypernet.binding_read["o_proj"].data_ptr() not in trained  # an exclusive binding's read stays put
+    assert len(trained) == sum(1 for p in hypernet.parameters() if p.requires_grad)
+
+
 def test_retrieval_control_trains_on_prompts_that_hold_the_users_profile(tiny, train_data):
     from p2p.task.prompt import PromptFormat
     from p2p.train.batch import collate
