@@ -19,6 +19,21 @@ def data40(tmp_path_factory):
     return write_data40(tmp_path_factory)
 
 
+# Users for the SIGTERM test: enough that a refresh cannot write them all in the moments between the
+# signal and the workers' stop. With 40, a fast machine wrote every one first, and the test then
+# checked nothing about stopping mid-run.
+N_SIGTERM_USERS = 200
+
+
+@pytest.fixture(scope="module")
+def data200(tmp_path_factory):
+    from p2p.data.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("data200")
+    write_synthetic(str(out), N_SIGTERM_USERS, seed=7, tasks=("tag",), chunk_size=20)
+    return str(out)
+
+
 def test_refresh_across_delete_users_and_readmit(ray_cluster, data40, tiny_hypernet, tmp_path):
     """Deletion waits for the running refresh, then no later refresh brings the users back unless re-admitted."""
     uri = str(tmp_path / "store")
@@ -58,18 +73,18 @@ def test_refresh_across_delete_users_and_readmit(ray_cluster, data40, tiny_hyper
     assert _check_every_row(uri) == set(users[2:]) - set(gone[2:])
 
 
-def test_sigterm_stops_the_driver_its_workers_and_frees_the_lease(ray_cluster, data40, tiny_hypernet, tmp_path):
+def test_sigterm_stops_the_driver_its_workers_and_frees_the_lease(ray_cluster, data200, tiny_hypernet, tmp_path):
     uri = str(tmp_path / "store")
-    job = _start(ray_cluster, "--hypernet", tiny_hypernet, "--data", data40, "--store", uri)
+    job = _start(ray_cluster, "--hypernet", tiny_hypernet, "--data", data200, "--store", uri)
     folders = tmp_path / "store" / "adapters"
     _wait_for(lambda: sum(1 for _ in folders.rglob("p2p.json")) >= 4, job)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == 143
     written = sum(1 for _ in folders.rglob("p2p.json"))
     time.sleep(3)
-    assert sum(1 for _ in folders.rglob("p2p.json")) == written < N_USERS  # no orphan kept writing
+    assert sum(1 for _ in folders.rglob("p2p.json")) == written < N_SIGTERM_USERS  # no orphan kept writing
     store = AdapterStore(uri)
     assert lease_holder(store.objects) is None and store.current() is None
-    resumed = _refresh(tiny_hypernet, data40, uri)  # no lease to wait out; the dead run's rows are reused
-    assert resumed.committed and resumed.resumed + resumed.written == N_USERS
-    assert _check_every_row(uri) == set(read_table(f"{data40}/users", "users").column("user_id").to_pylist())
+    resumed = _refresh(tiny_hypernet, data200, uri)  # no lease to wait out; the dead run's rows are reused
+    assert resumed.committed and resumed.resumed + resumed.written == N_SIGTERM_USERS
+    assert _check_every_row(uri) == set(read_table(f"{data200}/users", "users").column("user_id").to_pylist())
