@@ -74,6 +74,13 @@ class TrainConfig(StrictConfig):
     # The binding gain's learning rate, as a multiple of `lr`. Adam moves a weight by about lr per step, and
     # the gain starts near 0.25, so at 1 it can change by less than itself in a 300-step run.
     label_binding_lr_scale: PositiveFloat = 1.0
+    # Label gate (p2p/model/label_gate.py): after training, rank columns 0..n-1 of the top layer's
+    # `label_gate_module` (the MLP's output projection, a target) write each of the n task labels'
+    # shares of the user's answers where the question offers that label; fitted on
+    # `label_gate_examples` training examples (p2p/train/gate_fit.py). Needs profile_features and rank >= n.
+    label_gate: bool = False
+    label_gate_module: str = "down_proj"
+    label_gate_examples: Positive = 1024
     # --- data --------------------------------------------------------------------------------
     tasks: list[str] | None = None  # train on these tasks only (None: all tasks in the data)
     max_seq_len: Positive = 256  # prompt + target tokens; a longer prompt loses the middle of its user text
@@ -138,6 +145,12 @@ class TrainConfig(StrictConfig):
             raise FieldError("fp16", "bf16 and fp16 are exclusive")
         if self.label_binding and not self.profile_features:
             raise FieldError("label_binding", "needs label statistics: set profile_features > 0")
+        if self.label_gate and self.label_binding:
+            raise FieldError("label_gate", "label_binding and label_gate both claim the first rank columns; choose one")
+        if self.label_gate and not self.profile_features:
+            raise FieldError("label_gate", "needs label statistics: set profile_features > 0")
+        if self.label_gate and self.label_gate_module not in self.targets:
+            raise FieldError("label_gate_module", f"{self.label_gate_module!r} must be one of the targets {self.targets}")
         if self.task_weights is not None:
             if not self.batch_by_task:
                 raise FieldError("task_weights", "needs batch_by_task: true")

@@ -13,6 +13,7 @@ worker failure Ray restarts the group and training resumes from the latest check
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -44,11 +45,13 @@ from p2p.profile.embedder import embedder_id
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
-from p2p.train.examples import as_control, attach_embeddings, embedding_stats
+from p2p.train.examples import as_control, attach_embeddings, embedding_stats, example_rows
 from p2p.train.loop import (
     TrainLoop,
     Validation,
     binding_prompts,
+    fit_gate_checkpoint,
+    gated,
     new_hypernet,
     optimizer_for,
     save_checkpoint,
@@ -444,6 +447,9 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
                "best_val_loss": best[1].get("val_loss"), "best_step": best[1].get("step"),
                "seconds": time.perf_counter() - t0, "control": config.control,
                "latest": os.path.join(out, "latest"), "best": os.path.join(out, "best")}
+    if gated(config):
+        summary["label_gate"] = _fit_gate(config, data, table, os.path.join(out, "best"), log)
+        summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -471,6 +477,18 @@ def run_training_with_controls(config: TrainConfig, data: str, out: str, control
         summaries.append(run_training(config.model_copy(update=update), data, os.path.join(out, control),
                                       profiles=profiles, log=log))
     return summaries
+
+
+def _fit_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, log) -> dict:
+    """The label gate of the handed-on checkpoint (OUT/best), fitted here in the driver on training users
+    (p2p/train/gate_fit.py). OUT/latest stays as training left it: a resumed run trains without the gate."""
+    from p2p.model.base import load_base_model  # lazy, like the workers: transformers takes seconds to import
+
+    rows = example_rows(data, profiles.select(["user_id", "embedding"]), ("train",), config.tasks)
+    model, tokenizer = load_base_model(config.base)
+    total = min(len(rows), config.label_gate_examples)
+    with tqdm(total=total, desc="fit label gate", unit="example", disable=None) as bar:
+        return fit_gate_checkpoint(config, copy.deepcopy(model), tokenizer, folder, rows, log, bar.update)
 
 
 def _export(checkpoint: ray.train.Checkpoint, dest: str) -> None:

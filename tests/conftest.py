@@ -110,3 +110,22 @@ def train_data(tmp_path_factory):
     os.makedirs(f"{out}/profiles")
     pq.write_table(profiles, f"{out}/profiles/part-0.parquet")
     return out
+
+
+@pytest.fixture(scope="session")
+def gate_data(tmp_path_factory):
+    """Tag-only synthetic users whose profiles hold enough label statistics for the label gate."""
+    import pyarrow.parquet as pq
+    from train_support import GATE
+
+    from p2p.config import TrainConfig
+    from p2p.data.synthetic import write_synthetic
+    from p2p.profile.config import ProfileConfig
+    from p2p.profile.embedder import ProfileEmbedder, build_profiles
+
+    out = str(tmp_path_factory.mktemp("gate-data"))
+    write_synthetic(out, 60, seed=11, tasks=("tag",))
+    profiles = build_profiles(out, ProfileEmbedder("hashing", ProfileConfig(**TrainConfig(**GATE).profile_config())))
+    os.makedirs(f"{out}/profiles")
+    pq.write_table(profiles, f"{out}/profiles/part-0.parquet")
+    return out

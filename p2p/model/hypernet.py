@@ -44,6 +44,7 @@ from p2p.model.files import CHECKPOINT_CONFIG as CONFIG_FILE
 from p2p.model.files import CHECKPOINT_FILES, read_local_files
 from p2p.model.files import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
 from p2p.model.label_binding import AnswerPosition, bound_modules
+from p2p.model.label_gate import check_gate
 from p2p.model.lora import AdapterBatch, UserAdapter, find_targets, split_users
 
 PRESETS = {
@@ -86,6 +87,12 @@ class HypernetConfig:
     # True: rank column 0 of each bound module carries the binding alone (the heads' outputs there are
     # dropped), so the factor its write is multiplied by, A[0] . x = read . x, cannot change sign per user.
     label_binding_exclusive: bool = False
+    # Label gate (p2p/model/label_gate.py): rank columns 0..n-1 of `gate_module` in the top adapted layer
+    # carry label i's share of the user's answers (the embedding dim `gate_bins[i]`), read only where the
+    # question offers label i. Fitted after training (`fit_label_gate`); zeros until then.
+    gate_labels: list[str] = field(default_factory=list)
+    gate_bins: list[int] = field(default_factory=list)
+    gate_module: str = ""
     seed: int = 0
     profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
     extra: dict = field(default_factory=dict)  # free-form notes (training data, preset name)
@@ -101,6 +108,9 @@ class HypernetConfig:
                 data.pop(name)
         if not self.label_binding_exclusive:  # nor does a binding that shares its column with the heads
             data.pop("label_binding_exclusive")
+        if not self.gate_labels:  # nor does one without the label gate
+            for name in ("gate_labels", "gate_bins", "gate_module"):
+                data.pop(name)
         return json.dumps(data, sort_keys=True, indent=2)
 
     @classmethod
@@ -158,6 +168,9 @@ def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int,
         bound_modules(shapes, sizes["hidden"])  # fails now, naming the targets, if none is bound
         if not 0 < sizes.get("label_features", 0) <= embed_dim:
             raise P2PError("label_binding needs label statistics in the profile (profile_features > 0)")
+    if sizes.get("gate_labels"):
+        check_gate(sizes["gate_labels"], sizes["gate_bins"], sizes["gate_module"], shapes,
+                   model.get_output_embeddings().weight.shape[1], rank, embed_dim)
     sizes.setdefault("standardize", True)
     sizes.setdefault("head_init_std", 1e-5)
     sizes.setdefault("head_output_scale", sizes["head_in"] ** -0.5)
@@ -213,6 +226,11 @@ class Hypernetwork(nn.Module):
             self.binding_gain = nn.ParameterDict({m: nn.Parameter(torch.zeros(len(c.layers))) for m in self.bound})
             self.binding_read = nn.ParameterDict(
                 {m: nn.Parameter(torch.zeros(len(c.layers), c.shapes[m][0])) for m in self.bound})
+        if c.gate_labels:
+            n, (fan_in, fan_out) = len(c.gate_labels), c.shapes[c.gate_module]
+            self.register_buffer("gate_read", torch.zeros(n, fan_in))  # A[:n] of the gated module
+            self.register_buffer("gate_write", torch.zeros(n, fan_out))  # B[:, i] = share_i * gate_write[i]
+            self.register_buffer("gate_dims", torch.tensor(c.gate_bins, dtype=torch.long), persistent=False)
         self.reset_heads()
 
     @torch.no_grad()
@@ -272,6 +290,29 @@ class Hypernetwork(nn.Module):
             shares = shares - self.input_mean[-self.config.label_features :]
         return (shares.to(self.binding.dtype) @ self.binding) * self.binding_norm  # bf16 under DeepSpeed
 
+    def gate_shares(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[U, n]: each gate label's share of the user's answers, as the profile holds it (0..1).
+
+        Not centred: a centred share is negative for a label the user rarely gives, and a gate that
+        lowers an offered label can push both offered labels below one the question does not offer.
+        """
+        return embeddings[:, self.gate_dims]
+
+    def set_gate(self, read: torch.Tensor, write: torch.Tensor) -> None:
+        """The fitted gate (p2p/train/gate_fit.py): A rows [n, in] and B columns per unit share [n, out]."""
+        with torch.no_grad():
+            self.gate_read.copy_(read)
+            self.gate_write.copy_(write)
+
+    def _gated(self, a: torch.Tensor, b: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate module's (A, B) with rank columns 0..n-1 of its top layer replaced by the gate."""
+        n_users, n = a.shape[0], len(self.config.gate_labels)
+        read = self.gate_read.to(a.dtype)[None].expand(n_users, -1, -1)  # [U, n, in]
+        write = shares.to(b.dtype)[:, None, :] * self.gate_write.to(b.dtype).T[None]  # [U, out, n]
+        top_a = torch.cat([read, a[:, -1, n:]], dim=1)
+        top_b = torch.cat([write, b[:, -1, :, n:]], dim=-1)
+        return torch.cat([a[:, :-1], top_a[:, None]], dim=1), torch.cat([b[:, :-1], top_b[:, None]], dim=1)
+
     def shared_embedding(self) -> torch.Tensor:
         """The embedding of 'no user': the training mean (all zeros once standardized)."""
         if self.config.standardize:
@@ -293,6 +334,7 @@ class Hypernetwork(nn.Module):
         weight = self.user_proj.weight
         embeddings = embeddings.to(device=weight.device, dtype=torch.float32)
         bound = self.bound_vector(embeddings) if self.bound else None
+        shares = self.gate_shares(embeddings) if c.gate_labels else None  # before standardizing
         if c.standardize:
             embeddings = (embeddings - self.input_mean) / self.input_std
         # Mixed precision (DeepSpeed bf16/fp16 casts the module): inputs follow the weights' dtype.
@@ -323,6 +365,8 @@ class Hypernetwork(nn.Module):
                 else:
                     a = torch.cat([a[:, :, :1] + read[None, :, None, :], a[:, :, 1:]], dim=2)
                     b = torch.cat([b[..., :1] + write[..., None], b[..., 1:]], dim=-1)
+            if shares is not None and name == c.gate_module:
+                a, b = self._gated(a, b, shares)
             out[name] = (a, b)
         return out
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from numerics import HYPERNET_DEPTH, assert_same_function, assert_same_losses
-from train_support import DIM, TINY, local_rows
+from train_support import DIM, GATE, TINY, local_rows
 
 from p2p.config import config_from_dict
 from p2p.data.schemas import read_table
@@ -77,6 +77,20 @@ def test_ray_zero3_smoke(ray_cluster, train_data, tmp_path):
     hypernet, _ = load_hypernet(str(tmp_path / "run" / "latest"))
     assert hypernet.config.extra["step"] == 10
     assert any(h.weight.abs().sum() > 0 for h in hypernet.heads.values())  # gathered, not empty partitions
+
+@pytest.mark.slow
+def test_ray_run_fits_the_label_gate_into_best_only(ray_cluster, gate_data, tmp_path):
+    """The driver fits the gate of the handed-on checkpoint; `latest` (what a resume trains on) keeps it shut."""
+    from pipelines.train import run_training
+
+    summary = run_training(config_from_dict({**GATE, "workers": 1, "zero_stage": 0, "max_steps": 4, "eval_every": 4}),
+                           gate_data, str(tmp_path / "run"), log=lambda s: None)
+    best, _ = load_hypernet(str(tmp_path / "run" / "best"))
+    latest, _ = load_hypernet(str(tmp_path / "run" / "latest"))
+    assert best.config.extra["label_gate"] == summary["label_gate"] and summary["label_gate"]["examples"] == 48
+    assert best.gate_read.abs().sum() > 0 and latest.gate_read.abs().sum() == 0
+    assert (best.gate_write.abs().sum() > 0) == (summary["label_gate"]["gain"] > 0)
+
 
 @pytest.mark.slow
 def test_ray_zero0_single_worker_first_loss_equals_local(ray_cluster, tiny, train_data, tmp_path):

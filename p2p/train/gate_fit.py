@@ -1,0 +1,222 @@
+"""Fitting the label gate (p2p/model/label_gate.py) to a trained hypernet, on training users.
+
+Why after training and not by it: the gate reads the input of the top layer's MLP output projection,
+and that input moves while the adapters below it train (a read fitted at the start fell from 1.0 to
+0.6 at the answer position in 300 steps: docs/quality.md). Fitted at the end it reads what the
+finished model computes, and because nothing runs between that module and the final norm, what the
+gate does to every logit is known in closed form. So the fit is two small problems on the hidden
+states of a sample of training examples, each run with its own user's adapter:
+
+1. `read`: ridge regression from the module input to "label i is among the model's own k most likely
+   labels here", at the position that predicts a labelled answer's first token, and to 0 at the
+   positions that predict the rest of the answer (so the gate stays shut while a label is being
+   spelled). It reads which labels the question offers. Regressing on the gold answer instead reads
+   the same thing through label noise (the gold is one of the offered labels by the user's taste, so
+   the two offered labels' gates come out unequal, and a gate ratio decides like a share ratio);
+   `bench/lamp_gate_probe.py` compares the two.
+2. `write`: for each label, the smallest residual-stream vector that raises that label's first answer
+   token by one nat and no other label's (a pseudo-inverse of the labels' output rows through the final
+   norm), times one gain for all labels.
+
+k (1 to 3), the ridge strength and the gain are chosen together on a quarter of the sampled users the
+regression did not see, by how often the first answer token is the gold one (the final norm and the LM
+head rerun on the changed hidden states), ties broken by its cross-entropy. Not by the loss alone: the
+user's shares name the label they choose about 3 times in 4, and the loss stops the gain where the
+quarter it gets wrong would be confidently wrong, below the gain that answers best
+(`bench/lamp_gate_probe.py`). Gain 0 is a candidate, so a gate that does not help is fitted shut. Only training users are read; val users still choose between runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from p2p.model.adapted import AdaptedModel
+from p2p.model.hypernet import Hypernetwork
+from p2p.task.prompt import PromptFormat
+from p2p.train.batch import IGNORE, batches_of
+
+RIDGES = (0.01, 0.03, 0.1, 0.3)  # ridge strength, relative to the mean diagonal of X^T X
+MAX_OFFERED = 3  # the gate is fitted to read the model's own k most likely labels, k = 1 .. this
+GAINS = tuple(2.0 ** k for k in range(2, 11))  # nats per unit share: 4 .. 1024 (0 is always a candidate)
+HOLDOUT = 0.25  # share of the sampled users the regression leaves out, to choose ridge and gain on
+
+
+@dataclass
+class GateFit:
+    read: torch.Tensor  # [n, in]: A rows of the gate module
+    write: torch.Tensor  # [n, out]: B column per unit share (scale included)
+    ridge: float
+    gain: float
+    report: dict
+
+
+@dataclass
+class _States:
+    """What the fit needs from one forward pass per example, gathered over a sample."""
+
+    x: torch.Tensor  # [P, in] gate module input at each position that predicts a target token
+    h: torch.Tensor  # [P, hidden] final norm input there
+    token: torch.Tensor  # [P] the target token it predicts
+    example: torch.Tensor  # [P] example index
+    first: torch.Tensor  # [P] bool: predicts the first answer token
+    gold: torch.Tensor  # [E] gate label index of each example's answer, -1 for none
+    shares: torch.Tensor  # [E, n] each example's user's share of each label
+    held_out: torch.Tensor  # [E] bool: the example's user is in the holdout quarter
+
+
+def _held_out(user_id: str) -> bool:
+    return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) / 16**8 < HOLDOUT
+
+
+@contextlib.contextmanager
+def _gate_shut(hypernet: Hypernetwork) -> Iterator[None]:
+    """The hypernet as training left it (gate columns zero), whatever gate it holds now."""
+    saved = hypernet.gate_read.clone(), hypernet.gate_write.clone()
+    hypernet.set_gate(torch.zeros_like(saved[0]), torch.zeros_like(saved[1]))
+    try:
+        yield
+    finally:
+        hypernet.set_gate(*saved)
+
+
+@torch.no_grad()
+def _gather(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int, batch_size: int,
+            progress: Callable[[int], None]) -> _States:
+    c = hypernet.config
+    model = adapted.model
+    path = c.module_paths[c.gate_module].format(layer=c.layers[-1])
+    label_index = {label: i for i, label in enumerate(c.gate_labels)}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(path).register_forward_hook(lambda _m, args, _o: seen.__setitem__("x", args[0])),
+             model.get_decoder().norm.register_forward_hook(lambda _m, args, _o: seen.__setitem__("h", args[0]))]
+    xs, hs, tokens, examples, firsts = [], [], [], [], []
+    fmt, start = PromptFormat(adapted.tokenizer), 0
+    try:
+        with _gate_shut(hypernet):
+            for batch in batches_of(rows, batch_size, fmt, max_len):
+                batch = batch.to(adapted.device)
+                with adapted.applied(hypernet(batch.embeddings), row_index=batch.row_index):
+                    model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                targets = batch.labels[:, 1:]
+                keep = targets != IGNORE  # [N, T-1]: positions that predict a target token
+                xs.append(seen["x"][:, :-1][keep].float().cpu())
+                hs.append(seen["h"][:, :-1][keep].float().cpu())
+                tokens.append(targets[keep].cpu())
+                row = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep.cpu()]
+                examples.append(row + start)
+                firsts.append((keep.cumsum(1) == 1)[keep].cpu())
+                start += len(batch)
+                progress(len(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+    embeddings = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
+    return _States(
+        x=torch.cat(xs), h=torch.cat(hs), token=torch.cat(tokens), example=torch.cat(examples), first=torch.cat(firsts),
+        gold=torch.tensor([label_index.get(r["target"].strip(), -1) for r in rows]),
+        shares=hypernet.gate_shares(embeddings.to(hypernet.gate_read.device)).float().cpu(),
+        held_out=torch.tensor([_held_out(r["user_id"]) for r in rows]),
+    )
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
+    """[in, n] minimizing |x w - y|^2 + strength * mean(diag(x^T x)) |w|^2 (no intercept: a LoRA has none)."""
+    x, y = x.double(), y.double()
+    gram = x.T @ x
+    gram += strength * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, x.T @ y).float()
+
+
+def _directions(adapted: AdaptedModel, labels: list[str], rms: float) -> torch.Tensor:
+    """[n, hidden]: per label, the least-norm final-residual change that raises its first answer token's
+    logit by one nat and leaves every other label's first token unchanged."""
+    model, tok = adapted.model, adapted.tokenizer
+    first = [tok(label, add_special_tokens=False)["input_ids"][0] for label in labels]
+    distinct = sorted(set(first))
+    rows = model.get_output_embeddings().weight[distinct].float().cpu() * model.get_decoder().norm.weight.float().cpu()
+    inverse = torch.linalg.pinv(rows.double()).float() * rms  # [hidden, tokens]
+    return torch.stack([inverse[:, distinct.index(t)] for t in first])
+
+
+@torch.no_grad()
+def _loss(adapted: AdaptedModel, s: _States, mask: torch.Tensor, delta: torch.Tensor | None) -> tuple[float, float]:
+    """(mean over examples of each example's mean target-token CE, first-token accuracy) at the positions
+    in `mask`, with `delta` added to the final residual there."""
+    model = adapted.model
+    h = s.h[mask] + (delta if delta is not None else 0)
+    device = adapted.device
+    norm, head = model.get_decoder().norm, model.get_output_embeddings()
+    tokens = s.token[mask]
+    ce, hits = [], []
+    for i in range(0, len(h), 512):
+        logits = head(norm(h[i : i + 512].to(device))).float()
+        ce.append(F.cross_entropy(logits, tokens[i : i + 512].to(device), reduction="none").cpu())
+        hits.append(logits.argmax(-1).cpu() == tokens[i : i + 512])
+    ce_t, hit_t = torch.cat(ce), torch.cat(hits)
+    example = s.example[mask]
+    sums = torch.zeros(len(s.gold)).index_add(0, example, ce_t)
+    counts = torch.zeros(len(s.gold)).index_add(0, example, torch.ones_like(ce_t))
+    per_example = sums[counts > 0] / counts[counts > 0]
+    first = s.first[mask]
+    return float(per_example.mean()), float(hit_t[first].float().mean())
+
+
+def _targets(s: _States, label_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[P, n]: 1 for the model's own k most likely labels at the position that predicts a labelled
+    answer's first token, 0 everywhere else (the rest of the answer, examples of tasks without labels)."""
+    y = torch.zeros(len(s.token), label_logits.shape[1])
+    first = torch.where(s.first)[0]
+    labelled = s.gold[s.example[first]] >= 0
+    rows = first[labelled]
+    y[rows.unsqueeze(1), label_logits[labelled].topk(k, 1).indices] = 1.0
+    return y
+
+
+def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int,
+                   batch_size: int = 8, progress: Callable[[int], None] = lambda n: None) -> GateFit:
+    """The gate for `hypernet` from training `rows` (example_id, user_id, input, target, task, embedding);
+    sets it on the hypernet and returns it with a report of the holdout with and without it."""
+    c = hypernet.config
+    s = _gather(adapted, hypernet, rows, max_len, batch_size, progress)
+    held = s.held_out[s.example]
+    fit = ~held
+    if not fit.any() or not held.any():
+        raise ValueError(f"label gate: {len(rows)} examples leave no users to fit on or to choose on")
+    tok = adapted.tokenizer
+    first_tokens = [tok(label, add_special_tokens=False)["input_ids"][0] for label in c.gate_labels]
+    model = adapted.model
+    with torch.no_grad():
+        label_logits = model.get_output_embeddings()(model.get_decoder().norm(s.h[s.first].to(adapted.device)))
+    label_logits = label_logits[:, first_tokens].float().cpu()
+    rms = float(s.h[s.first & fit].pow(2).mean(-1).sqrt().mean())
+    directions = _directions(adapted, c.gate_labels, rms)  # [n, hidden]
+
+    choose = s.first & held  # choosing by the first answer token: one LM head pass over these positions
+    base_ce, base_acc = _loss(adapted, s, choose, None)
+    best = (base_acc, -base_ce, 0.0, RIDGES[0], 1)
+    reads = {}
+    for k in range(1, min(MAX_OFFERED, len(c.gate_labels)) + 1):
+        y = _targets(s, label_logits, k)
+        for ridge in RIDGES:
+            reads[k, ridge] = w = _ridge(s.x[fit], y[fit], ridge)  # [in, n]
+            coeff = (s.x[choose] @ w) * s.shares[s.example[choose]]  # [P, n]: gate x share per label
+            for gain in GAINS:
+                ce, acc = _loss(adapted, s, choose, gain * coeff @ directions)
+                best = max(best, (acc, -ce, gain, ridge, k))
+    _, _, gain, ridge, k = best
+    read = reads[k, ridge].T.contiguous()
+    write = directions * (gain / adapted.scale)  # the LoRA multiplies B A x by the scale
+    hypernet.set_gate(read.to(hypernet.gate_read), write.to(hypernet.gate_write))
+    without = _loss(adapted, s, held, None)
+    with_gate = _loss(adapted, s, held, gain * ((s.x[held] @ read.T) * s.shares[s.example[held]]) @ directions)
+    report = {"examples": len(rows), "positions": len(s.token), "holdout_examples": int(s.held_out.sum()),
+              "offered": k, "ridge": ridge, "gain": gain,
+              "holdout_loss": {"without": without[0], "with": with_gate[0]},
+              "holdout_first_token_accuracy": {"without": without[1], "with": with_gate[1]}}
+    return GateFit(read, write, ridge, gain, report)

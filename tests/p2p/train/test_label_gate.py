@@ -1,0 +1,98 @@
+"""Label gate: per-label rank columns in the top layer's MLP output projection, fitted after training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from train_support import GATE, local_rows
+from train_support import GATE_DIM as DIM
+
+from p2p.config import TrainConfig, config_from_dict
+from p2p.errors import P2PError
+from p2p.model.adapted import AdaptedModel
+from p2p.model.hypernet import Hypernetwork, load_hypernet, save_hypernet
+from p2p.model.label_gate import gate_labels
+from p2p.task.prompt import PromptFormat
+from p2p.task.registry import TAGS
+from p2p.train.batch import batches_of
+from p2p.train.gate_fit import _held_out
+from p2p.train.loop import hypernet_config_for, train_local
+from p2p.train.step import AdapterLoss, mean_over_examples, val_rows_sample
+
+FEATURES = GATE["profile_features"]
+
+
+def _hypernet(tiny, **overrides) -> Hypernetwork:
+    torch.manual_seed(0)
+    return Hypernetwork(hypernet_config_for(TrainConfig(**{**GATE, **overrides}), tiny[0], DIM, ["tag"]))
+
+
+def test_the_gate_owns_one_column_per_label_in_the_top_layer_only(tiny):
+    hypernet = _hypernet(tiny)
+    c = hypernet.config
+    n = len(c.gate_labels)
+    assert c.gate_labels == list(TAGS) and len(set(c.gate_bins)) == n and all(DIM - FEATURES <= d < DIM for d in c.gate_bins)
+    users = torch.randn(3, DIM)
+    before = hypernet(users)
+    read, write = torch.randn(n, c.shapes["down_proj"][0]), torch.randn(n, c.shapes["down_proj"][1])
+    hypernet.set_gate(read, write)
+    after = hypernet(users)
+    a, b = after["down_proj"]
+    shares = users[:, c.gate_bins]  # the profile's shares as they are: an offered label is only ever raised
+    torch.testing.assert_close(a[:, -1, :n], read.expand(3, -1, -1))
+    torch.testing.assert_close(b[:, -1, :, :n], shares[:, None, :] * write.T[None])
+    # Everything else is what the heads emit: the other columns, the lower layer, the other module.
+    torch.testing.assert_close(a[:, -1, n:], before["down_proj"][0][:, -1, n:])
+    torch.testing.assert_close(b[:, :-1], before["down_proj"][1][:, :-1])
+    torch.testing.assert_close(after["q_proj"][1], before["q_proj"][1])
+    # A user who never gave a label gets no write for it.
+    none = users[:1].clone()
+    none[0, c.gate_bins[0]] = 0
+    assert hypernet(none)["down_proj"][1][0, -1, :, 0].abs().max() == 0
+
+
+def test_a_gated_checkpoint_round_trips_and_an_ungated_one_keeps_its_hash(tiny, tmp_path):
+    hypernet = _hypernet(tiny)
+    n, (fan_in, fan_out) = len(hypernet.config.gate_labels), hypernet.config.shapes["down_proj"]
+    hypernet.set_gate(torch.randn(n, fan_in), torch.randn(n, fan_out))
+    hid = save_hypernet(hypernet, str(tmp_path / "g"))
+    loaded, loaded_id = load_hypernet(str(tmp_path / "g"))
+    assert loaded_id == hid and loaded.config.gate_labels == hypernet.config.gate_labels
+    torch.testing.assert_close(loaded.gate_write, hypernet.gate_write)
+    plain = _hypernet(tiny, label_gate=False)
+    assert "gate_labels" not in plain.config.to_json()  # a hypernet without the gate hashes as it did before
+
+
+def test_config_errors_name_the_field(tiny):
+    with pytest.raises(P2PError, match="'label_gate': label_binding and label_gate"):
+        config_from_dict({**GATE, "label_binding": True})
+    with pytest.raises(P2PError, match="'label_gate_module'.*must be one of the targets"):
+        config_from_dict({**GATE, "label_gate_module": "o_proj"})
+    with pytest.raises(P2PError, match=f"label_gate needs a rank column per label: {len(TAGS)} labels, rank 8"):
+        _hypernet(tiny, rank=8)
+    with pytest.raises(P2PError, match="not the MLP's output projection"):
+        _hypernet(tiny, targets=["q_proj", "o_proj"], label_gate_module="o_proj")
+    with pytest.raises(P2PError, match="no fixed label list|none of the training tasks"):
+        gate_labels(["headline"], FEATURES, DIM)
+    with pytest.raises(P2PError, match="share one label-statistics bin; raise profile_features"):
+        gate_labels(["tag"], 16, DIM)
+
+
+def test_the_fit_answers_its_holdout_no_worse_and_the_real_forward_agrees_with_its_report(tiny, gate_data):
+    train, val = local_rows(gate_data)
+    cfg = TrainConfig(**GATE, max_steps=6, eval_every=6)
+    run = train_local(cfg, copy.deepcopy(tiny[0]), tiny[1], train, val, DIM, log=lambda s: None)
+    hypernet, report = run["hypernet"], run["hypernet"].config.extra["label_gate"]
+    accuracy = report["holdout_first_token_accuracy"]
+    assert accuracy["with"] >= accuracy["without"]  # gain 0 is a candidate
+    assert report["examples"] == 48 and 0 < report["holdout_examples"] < 48
+    # The fit computed the gate's effect in closed form at the final norm; the real LoRA path must agree.
+    rows = [r for r in val_rows_sample(train, cfg.label_gate_examples) if _held_out(r["user_id"])]
+    loss = AdapterLoss(AdaptedModel(run["adapter_loss"].model, tiny[1], hypernet.config), cache_prefix=False)
+    batches = batches_of(rows, 8, PromptFormat(tiny[1]), cfg.max_seq_len)
+    with torch.no_grad():
+        per_example = torch.cat([loss.per_example(hypernet, b)[1] for b in batches])
+    assert float(mean_over_examples(per_example)) == pytest.approx(report["holdout_loss"]["with"], rel=1e-4)
+    assert (report["gain"] > 0) == (hypernet.gate_write.abs().sum() > 0)
