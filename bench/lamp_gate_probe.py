@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     cache = os.path.join(args.out, "states.pt")
     if os.path.exists(cache):
-        s = gate_fit._States(**torch.load(cache))
+        s = gate_fit.GateStates(**torch.load(cache))
     else:
-        s = gate_fit._gather(adapted, hypernet, rows, config.max_seq_len, config.batch_size, lambda n: None)
+        s = gate_fit.gather_states(adapted, hypernet, rows, config.max_seq_len, config.batch_size, lambda n: None)
         torch.save(vars(s), cache)
 
     labels = hypernet.config.gate_labels
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             labelled = s.first & (s.gold[s.example] >= 0)
             y[labelled, s.gold[s.example][labelled]] = 1.0
         else:
-            y = gate_fit._targets(s, logits, int(target[-1]))
+            y = gate_fit.offered_targets(s, logits, int(target[-1]))
         for ridge in gate_fit.RIDGES:
-            gate = x @ gate_fit._ridge(s.x[fit], y[fit], ridge)
+            gate = x @ gate_fit.ridge_read(s.x[fit], y[fit], ridge)
             two = gate.gather(1, pair)[held].clamp(min=1e-3)
             ratio = float((two[:, 0] / two[:, 1]).log().abs().mean())
             for g in GAINS:

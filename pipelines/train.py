@@ -440,13 +440,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
         result = trainer.fit()
     if result.checkpoint is None:
         raise P2PError(f"training produced no checkpoint; see {out}/ray for the workers' logs")
-    _export(result.checkpoint, os.path.join(out, "latest"))
-    best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss") or float("inf"))
-    _export(best[0], os.path.join(out, "best"))
-    summary = {"steps": result.metrics.get("step"), "val_loss": result.metrics.get("val_loss"),
-               "best_val_loss": best[1].get("val_loss"), "best_step": best[1].get("step"),
-               "seconds": time.perf_counter() - t0, "control": config.control,
-               "latest": os.path.join(out, "latest"), "best": os.path.join(out, "best")}
+    summary = _export_run(result, out, config, t0)
     if gated(config):
         summary["label_gate"] = _fit_gate(config, data, table, os.path.join(out, "best"), log)
         summary["seconds"] = time.perf_counter() - t0
@@ -477,6 +471,17 @@ def run_training_with_controls(config: TrainConfig, data: str, out: str, control
         summaries.append(run_training(config.model_copy(update=update), data, os.path.join(out, control),
                                       profiles=profiles, log=log))
     return summaries
+
+
+def _export_run(result: ray.train.Result, out: str, config: TrainConfig, t0: float) -> dict:
+    """OUT/latest and OUT/best (by val loss) from Ray Train's checkpoints; the run's summary."""
+    _export(result.checkpoint, os.path.join(out, "latest"))
+    best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss") or float("inf"))
+    _export(best[0], os.path.join(out, "best"))
+    return {"steps": result.metrics.get("step"), "val_loss": result.metrics.get("val_loss"),
+            "best_val_loss": best[1].get("val_loss"), "best_step": best[1].get("step"),
+            "seconds": time.perf_counter() - t0, "control": config.control,
+            "latest": os.path.join(out, "latest"), "best": os.path.join(out, "best")}
 
 
 def _fit_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, log) -> dict:

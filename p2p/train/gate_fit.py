@@ -57,7 +57,7 @@ class GateFit:
 
 
 @dataclass
-class _States:
+class GateStates:
     """What the fit needs from one forward pass per example, gathered over a sample."""
 
     x: torch.Tensor  # [P, in] gate module input at each position that predicts a target token
@@ -70,7 +70,8 @@ class _States:
     held_out: torch.Tensor  # [E] bool: the example's user is in the holdout quarter
 
 
-def _held_out(user_id: str) -> bool:
+def held_out_user(user_id: str) -> bool:
+    """Whether the fit chooses on this training user rather than regressing on them (a fixed hash)."""
     return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) / 16**8 < HOLDOUT
 
 
@@ -86,8 +87,9 @@ def _gate_shut(hypernet: Hypernetwork) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _gather(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int, batch_size: int,
-            progress: Callable[[int], None]) -> _States:
+def gather_states(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int, batch_size: int,
+            progress: Callable[[int], None]) -> GateStates:
+    """One forward pass per example with its own user's adapter and the gate shut, keeping what the fit reads."""
     c = hypernet.config
     model = adapted.model
     path = c.module_paths[c.gate_module].format(layer=c.layers[-1])
@@ -117,15 +119,15 @@ def _gather(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max
         for h in hooks:
             h.remove()
     embeddings = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
-    return _States(
+    return GateStates(
         x=torch.cat(xs), h=torch.cat(hs), token=torch.cat(tokens), example=torch.cat(examples), first=torch.cat(firsts),
         gold=torch.tensor([label_index.get(r["target"].strip(), -1) for r in rows]),
         shares=hypernet.gate_shares(embeddings.to(hypernet.gate_read.device)).float().cpu(),
-        held_out=torch.tensor([_held_out(r["user_id"]) for r in rows]),
+        held_out=torch.tensor([held_out_user(r["user_id"]) for r in rows]),
     )
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
+def ridge_read(x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
     """[in, n] minimizing |x w - y|^2 + strength * mean(diag(x^T x)) |w|^2 (no intercept: a LoRA has none)."""
     x, y = x.double(), y.double()
     gram = x.T @ x
@@ -145,7 +147,7 @@ def _directions(adapted: AdaptedModel, labels: list[str], rms: float) -> torch.T
 
 
 @torch.no_grad()
-def _loss(adapted: AdaptedModel, s: _States, mask: torch.Tensor, delta: torch.Tensor | None) -> tuple[float, float]:
+def _score(adapted: AdaptedModel, s: GateStates, mask: torch.Tensor, delta: torch.Tensor | None) -> tuple[float, float]:
     """(mean over examples of each example's mean target-token CE, first-token accuracy) at the positions
     in `mask`, with `delta` added to the final residual there."""
     model = adapted.model
@@ -167,7 +169,7 @@ def _loss(adapted: AdaptedModel, s: _States, mask: torch.Tensor, delta: torch.Te
     return float(per_example.mean()), float(hit_t[first].float().mean())
 
 
-def _targets(s: _States, label_logits: torch.Tensor, k: int) -> torch.Tensor:
+def offered_targets(s: GateStates, label_logits: torch.Tensor, k: int) -> torch.Tensor:
     """[P, n]: 1 for the model's own k most likely labels at the position that predicts a labelled
     answer's first token, 0 everywhere else (the rest of the answer, examples of tasks without labels)."""
     y = torch.zeros(len(s.token), label_logits.shape[1])
@@ -183,7 +185,7 @@ def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dic
     """The gate for `hypernet` from training `rows` (example_id, user_id, input, target, task, embedding);
     sets it on the hypernet and returns it with a report of the holdout with and without it."""
     c = hypernet.config
-    s = _gather(adapted, hypernet, rows, max_len, batch_size, progress)
+    s = gather_states(adapted, hypernet, rows, max_len, batch_size, progress)
     held = s.held_out[s.example]
     fit = ~held
     if not fit.any() or not held.any():
@@ -198,23 +200,23 @@ def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dic
     directions = _directions(adapted, c.gate_labels, rms)  # [n, hidden]
 
     choose = s.first & held  # choosing by the first answer token: one LM head pass over these positions
-    base_ce, base_acc = _loss(adapted, s, choose, None)
+    base_ce, base_acc = _score(adapted, s, choose, None)
     best = (base_acc, -base_ce, 0.0, RIDGES[0], 1)
     reads = {}
     for k in range(1, min(MAX_OFFERED, len(c.gate_labels)) + 1):
-        y = _targets(s, label_logits, k)
+        y = offered_targets(s, label_logits, k)
         for ridge in RIDGES:
-            reads[k, ridge] = w = _ridge(s.x[fit], y[fit], ridge)  # [in, n]
+            reads[k, ridge] = w = ridge_read(s.x[fit], y[fit], ridge)  # [in, n]
             coeff = (s.x[choose] @ w) * s.shares[s.example[choose]]  # [P, n]: gate x share per label
             for gain in GAINS:
-                ce, acc = _loss(adapted, s, choose, gain * coeff @ directions)
+                ce, acc = _score(adapted, s, choose, gain * coeff @ directions)
                 best = max(best, (acc, -ce, gain, ridge, k))
     _, _, gain, ridge, k = best
     read = reads[k, ridge].T.contiguous()
     write = directions * (gain / adapted.scale)  # the LoRA multiplies B A x by the scale
     hypernet.set_gate(read.to(hypernet.gate_read), write.to(hypernet.gate_write))
-    without = _loss(adapted, s, held, None)
-    with_gate = _loss(adapted, s, held, gain * ((s.x[held] @ read.T) * s.shares[s.example[held]]) @ directions)
+    without = _score(adapted, s, held, None)
+    with_gate = _score(adapted, s, held, gain * ((s.x[held] @ read.T) * s.shares[s.example[held]]) @ directions)
     report = {"examples": len(rows), "positions": len(s.token), "holdout_examples": int(s.held_out.sum()),
               "offered": k, "ridge": ridge, "gain": gain,
               "holdout_loss": {"without": without[0], "with": with_gate[0]},

@@ -17,7 +17,7 @@ from p2p.model.label_gate import gate_labels
 from p2p.task.prompt import PromptFormat
 from p2p.task.registry import TAGS
 from p2p.train.batch import batches_of
-from p2p.train.gate_fit import _held_out
+from p2p.train.gate_fit import held_out_user
 from p2p.train.loop import hypernet_config_for, train_local
 from p2p.train.step import AdapterLoss, mean_over_examples, val_rows_sample
 
@@ -89,7 +89,7 @@ def test_the_fit_answers_its_holdout_no_worse_and_the_real_forward_agrees_with_i
     assert accuracy["with"] >= accuracy["without"]  # gain 0 is a candidate
     assert report["examples"] == 48 and 0 < report["holdout_examples"] < 48
     # The fit computed the gate's effect in closed form at the final norm; the real LoRA path must agree.
-    rows = [r for r in val_rows_sample(train, cfg.label_gate_examples) if _held_out(r["user_id"])]
+    rows = [r for r in val_rows_sample(train, cfg.label_gate_examples) if held_out_user(r["user_id"])]
     loss = AdapterLoss(AdaptedModel(run["adapter_loss"].model, tiny[1], hypernet.config), cache_prefix=False)
     batches = batches_of(rows, 8, PromptFormat(tiny[1]), cfg.max_seq_len)
     with torch.no_grad():
