@@ -40,18 +40,18 @@ from p2p.config import TrainConfig, config_from_dict
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
 from p2p.model.adapted import AdaptedModel
+from p2p.model.label_gate import gate_labels
 from p2p.profile.config import ProfileConfig
 from p2p.profile.embedder import embedder_id
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
 from p2p.train.examples import as_control, attach_embeddings, embedding_stats, example_rows
+from p2p.train.gate_fit import fit_gate_checkpoint, held_out_users
 from p2p.train.loop import (
     TrainLoop,
     Validation,
     binding_prompts,
-    fit_gate_checkpoint,
-    gated,
     new_hypernet,
     optimizer_for,
     save_checkpoint,
@@ -414,6 +414,8 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
                        f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
     table = table.drop_columns(["encoder"])
     embed_dim = table.schema.field("embedding").type.list_size
+    if config.label_gate:
+        _check_gate(config, examples, embed_dim)
     stats = train_input_stats(table, examples)
     train_ds, val_ds = training_datasets(data, table, config)
     trainer = TorchTrainer(
@@ -441,7 +443,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     if result.checkpoint is None:
         raise P2PError(f"training produced no checkpoint; see {out}/ray for the workers' logs")
     summary = _export_run(result, out, config, t0)
-    if gated(config):
+    if config.label_gate:
         summary["label_gate"] = _fit_gate(config, data, table, os.path.join(out, "best"), log)
         summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -484,12 +486,21 @@ def _export_run(result: ray.train.Result, out: str, config: TrainConfig, t0: flo
             "latest": os.path.join(out, "latest"), "best": os.path.join(out, "best")}
 
 
+def _check_gate(config: TrainConfig, examples: pa.Table, embed_dim: int) -> None:
+    """What would stop the label gate, named before training starts rather than in every worker or after it."""
+    labels, _ = gate_labels(sorted(task_counts(examples)), config.profile_features, embed_dim)
+    if len(labels) > config.rank:
+        raise P2PError(f"label_gate needs a rank column per label: {len(labels)} labels, rank {config.rank}; "
+                       f"set rank to at least {len(labels)}")
+    held_out_users(pc.unique(examples.column("user_id")).to_pylist())
+
+
 def _fit_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, log) -> dict:
     """The label gate of the handed-on checkpoint (OUT/best), fitted here in the driver on training users
-    (p2p/train/gate_fit.py). OUT/latest stays as training left it: a resumed run trains without the gate."""
-    from p2p.model.base import load_base_model  # lazy, like the workers: transformers takes seconds to import
+    (p2p/train/gate_fit.py). OUT/latest keeps the gate's columns at zero, as training left them."""
+    from p2p.model.base import load_base_model  # lazy: transformers takes seconds to import
 
-    rows = example_rows(data, profiles.select(["user_id", "embedding"]), ("train",), config.tasks)
+    rows = example_rows(data, profiles, ("train",), config.tasks)
     model, tokenizer = load_base_model(config.base)
     total = min(len(rows), config.label_gate_examples)
     with tqdm(total=total, desc="fit label gate", unit="example", disable=None) as bar:

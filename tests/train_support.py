@@ -13,9 +13,10 @@ def local_rows(data):
     return (example_rows(data, profiles, ("train",)),
             example_rows(data, profiles, ("val",)))
 
-# The label gate's tests: 144 bins are the fewest that give each of the synthetic tag task's 18 labels its
-# own statistic, and the gated module needs a rank column per label.
-GATE_FEATURES = 144
+# The label gate's tests: 240 bins are the fewest that give each of the synthetic tag task's 18 labels a
+# statistic of its own (no other label's, score's or written answer's form in its bin), and the gated
+# module needs a rank column per label.
+GATE_FEATURES = 240
 GATE_DIM = 384 + GATE_FEATURES
 GATE = dict(TINY, profile_features=GATE_FEATURES, targets=["q_proj", "down_proj"], top_k_layers=2, rank=20, alpha=40.0,
             label_gate=True, label_gate_examples=48, head_init_std=1e-3)

@@ -44,7 +44,7 @@ from p2p.model.files import CHECKPOINT_CONFIG as CONFIG_FILE
 from p2p.model.files import CHECKPOINT_FILES, read_local_files
 from p2p.model.files import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
 from p2p.model.label_binding import AnswerPosition, bound_modules
-from p2p.model.label_gate import check_gate
+from p2p.model.label_gate import check_gate, final_norm
 from p2p.model.lora import AdapterBatch, UserAdapter, find_targets, split_users
 
 PRESETS = {
@@ -88,10 +88,10 @@ class HypernetConfig:
     # dropped), so the factor its write is multiplied by, A[0] . x = read . x, cannot change sign per user.
     label_binding_exclusive: bool = False
     # Label gate (p2p/model/label_gate.py): rank columns 0..n-1 of `gate_module` in the top adapted layer
-    # carry label i's share of the user's answers (the embedding dim `gate_bins[i]`), read only where the
-    # question offers label i. Fitted after training (`fit_label_gate`); zeros until then.
+    # carry label i's share of the user's answers (the embedding dim `gate_dims[i]`), read only where the
+    # question offers label i. Fitted after training (p2p/train/gate_fit.py); zeros until then.
     gate_labels: list[str] = field(default_factory=list)
-    gate_bins: list[int] = field(default_factory=list)
+    gate_dims: list[int] = field(default_factory=list)
     gate_module: str = ""
     seed: int = 0
     profile: dict = field(default_factory=dict)  # ProfileConfig fields: training and serving build profiles alike
@@ -109,7 +109,7 @@ class HypernetConfig:
         if not self.label_binding_exclusive:  # nor does a binding that shares its column with the heads
             data.pop("label_binding_exclusive")
         if not self.gate_labels:  # nor does one without the label gate
-            for name in ("gate_labels", "gate_bins", "gate_module"):
+            for name in ("gate_labels", "gate_dims", "gate_module"):
                 data.pop(name)
         return json.dumps(data, sort_keys=True, indent=2)
 
@@ -169,8 +169,9 @@ def make_config(model: nn.Module, base_model: str, encoder: str, embed_dim: int,
         if not 0 < sizes.get("label_features", 0) <= embed_dim:
             raise P2PError("label_binding needs label statistics in the profile (profile_features > 0)")
     if sizes.get("gate_labels"):
-        check_gate(sizes["gate_labels"], sizes["gate_bins"], sizes["gate_module"], shapes,
+        check_gate(sizes["gate_labels"], sizes["gate_dims"], sizes["gate_module"], shapes,
                    model.get_output_embeddings().weight.shape[1], rank, embed_dim)
+        final_norm(model)  # a decoder the gate's fit can compute in closed form
     sizes.setdefault("standardize", True)
     sizes.setdefault("head_init_std", 1e-5)
     sizes.setdefault("head_output_scale", sizes["head_in"] ** -0.5)
@@ -230,7 +231,7 @@ class Hypernetwork(nn.Module):
             n, (fan_in, fan_out) = len(c.gate_labels), c.shapes[c.gate_module]
             self.register_buffer("gate_read", torch.zeros(n, fan_in))  # A[:n] of the gated module
             self.register_buffer("gate_write", torch.zeros(n, fan_out))  # B[:, i] = share_i * gate_write[i]
-            self.register_buffer("gate_dims", torch.tensor(c.gate_bins, dtype=torch.long), persistent=False)
+            self.register_buffer("gate_index", torch.tensor(c.gate_dims, dtype=torch.long), persistent=False)
         self.reset_heads()
 
     @torch.no_grad()
@@ -296,7 +297,7 @@ class Hypernetwork(nn.Module):
         Not centred: a centred share is negative for a label the user rarely gives, and a gate that
         lowers an offered label can push both offered labels below one the question does not offer.
         """
-        return embeddings[:, self.gate_dims]
+        return embeddings[:, self.gate_index]
 
     def set_gate(self, read: torch.Tensor, write: torch.Tensor) -> None:
         """The fitted gate (p2p/train/gate_fit.py): A rows [n, in] and B columns per unit share [n, out]."""

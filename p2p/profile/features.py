@@ -78,11 +78,12 @@ def profile_features(history: list[dict], config: ProfileConfig) -> np.ndarray:
     for kind, counts in by_kind.items():
         total = sum(counts.values()) / (3 if kind == "text" else 1)  # 3 tokens per written answer
         for token, c in counts.items():
-            out[_bin(kind, token, config.features)] += c / total
+            out[statistic_bin(kind, token, config.features)] += c / total
     return out
 
 
-def _bin(kind: str, token: str, features: int) -> int:
+def statistic_bin(kind: str, token: str, features: int) -> int:
+    """The bin a label-token of this kind is counted in (a stable hash)."""
     h = int.from_bytes(hashlib.blake2b(f"{kind}|{token}".encode(), digest_size=8).digest(), "little")
     return h % features
 
@@ -93,4 +94,4 @@ def label_bin(label: str, features: int) -> int | None:
     kind = label_kind([label])
     if kind == "text" or not features:
         return None
-    return _bin(kind, label_tokens(label)[0], features)
+    return statistic_bin(kind, label_tokens(label)[0], features)

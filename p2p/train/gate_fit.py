@@ -1,9 +1,9 @@
 """Fitting the label gate (p2p/model/label_gate.py) to a trained hypernet, on training users.
 
 Why after training and not by it: the gate reads the input of the top layer's MLP output projection,
-and that input moves while the adapters below it train (a read fitted at the start fell from 1.0 to
-0.6 at the answer position in 300 steps: docs/quality.md). Fitted at the end it reads what the
-finished model computes, and because nothing runs between that module and the final norm, what the
+and that input moves while the adapters below it train (as the label binding's read of o_proj's
+input did: from 1.0 to 0.6 at the answer position in 300 steps, docs/quality.md). Fitted at the end it
+reads what the finished model computes, and because nothing runs between that module and the final norm, what the
 gate does to every logit is known in closed form. So the fit is two small problems on the hidden
 states of a sample of training examples, each run with its own user's adapter:
 
@@ -30,25 +30,35 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from p2p.config import TrainConfig
+from p2p.errors import P2PError
 from p2p.model.adapted import AdaptedModel
-from p2p.model.hypernet import Hypernetwork
+from p2p.model.hypernet import Hypernetwork, load_hypernet, save_hypernet
+from p2p.model.label_gate import final_norm, label_first_tokens, same_first_token
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import IGNORE, batches_of
+from p2p.train.examples import as_control
+from p2p.train.step import val_rows_sample
 
 RIDGES = (0.01, 0.03, 0.1, 0.3)  # ridge strength, relative to the mean diagonal of X^T X
 MAX_OFFERED = 3  # the gate is fitted to read the model's own k most likely labels, k = 1 .. this
 GAINS = tuple(2.0 ** k for k in range(2, 11))  # nats per unit share: 4 .. 1024 (0 is always a candidate)
-HOLDOUT = 0.25  # share of the sampled users the regression leaves out, to choose ridge and gain on
+HOLDOUT = 0.25  # share of the sampled users the regression leaves out, to choose k, ridge and gain on
 
 
 @dataclass
 class GateFit:
+    """The fitted gate (set on the hypernet by `fit_label_gate`) and what the fit measured."""
+
     read: torch.Tensor  # [n, in]: A rows of the gate module
     write: torch.Tensor  # [n, out]: B column per unit share (scale included)
     ridge: float
@@ -70,9 +80,14 @@ class GateStates:
     held_out: torch.Tensor  # [E] bool: the example's user is in the holdout quarter
 
 
-def held_out_user(user_id: str) -> bool:
-    """Whether the fit chooses on this training user rather than regressing on them (a fixed hash)."""
-    return int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) / 16**8 < HOLDOUT
+def held_out_users(user_ids: list[str]) -> set[str]:
+    """The users the fit chooses on rather than regresses on: a quarter of them (at least one, never all),
+    the first by a fixed hash, so the split is the same on every run and never empty."""
+    users = sorted(set(user_ids), key=lambda u: hashlib.sha256(u.encode()).hexdigest())
+    if len(users) < 2:
+        raise P2PError(f"label_gate: the sampled training examples come from {len(users)} user(s); the fit needs "
+                       "at least 2 (one to regress on, one to choose on)")
+    return set(users[: min(len(users) - 1, max(1, round(HOLDOUT * len(users))))])
 
 
 @contextlib.contextmanager
@@ -88,7 +103,7 @@ def _gate_shut(hypernet: Hypernetwork) -> Iterator[None]:
 
 @torch.no_grad()
 def gather_states(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int, batch_size: int,
-            progress: Callable[[int], None]) -> GateStates:
+                  progress: Callable[[int], None]) -> GateStates:
     """One forward pass per example with its own user's adapter and the gate shut, keeping what the fit reads."""
     c = hypernet.config
     model = adapted.model
@@ -96,7 +111,7 @@ def gather_states(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict
     label_index = {label: i for i, label in enumerate(c.gate_labels)}
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(path).register_forward_hook(lambda _m, args, _o: seen.__setitem__("x", args[0])),
-             model.get_decoder().norm.register_forward_hook(lambda _m, args, _o: seen.__setitem__("h", args[0]))]
+             final_norm(model).register_forward_hook(lambda _m, args, _o: seen.__setitem__("h", args[0]))]
     xs, hs, tokens, examples, firsts = [], [], [], [], []
     fmt, start = PromptFormat(adapted.tokenizer), 0
     try:
@@ -119,11 +134,12 @@ def gather_states(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict
         for h in hooks:
             h.remove()
     embeddings = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
+    held = held_out_users([r["user_id"] for r in rows])
     return GateStates(
         x=torch.cat(xs), h=torch.cat(hs), token=torch.cat(tokens), example=torch.cat(examples), first=torch.cat(firsts),
         gold=torch.tensor([label_index.get(r["target"].strip(), -1) for r in rows]),
         shares=hypernet.gate_shares(embeddings.to(hypernet.gate_read.device)).float().cpu(),
-        held_out=torch.tensor([held_out_user(r["user_id"]) for r in rows]),
+        held_out=torch.tensor([r["user_id"] in held for r in rows]),
     )
 
 
@@ -137,12 +153,13 @@ def ridge_read(x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tenso
 
 def _directions(adapted: AdaptedModel, labels: list[str], rms: float) -> torch.Tensor:
     """[n, hidden]: per label, the least-norm final-residual change that raises its first answer token's
-    logit by one nat and leaves every other label's first token unchanged."""
-    model, tok = adapted.model, adapted.tokenizer
-    first = [tok(label, add_special_tokens=False)["input_ids"][0] for label in labels]
+    logit by one nat and leaves every other label's first token unchanged (labels that begin with the
+    same token share its direction)."""
+    model = adapted.model
+    first = label_first_tokens(adapted.tokenizer, labels)
     distinct = sorted(set(first))
-    rows = model.get_output_embeddings().weight[distinct].float().cpu() * model.get_decoder().norm.weight.float().cpu()
-    inverse = torch.linalg.pinv(rows.double()).float() * rms  # [hidden, tokens]
+    rows = model.get_output_embeddings().weight[distinct].float().cpu() * final_norm(model).weight.float().cpu()
+    inverse = torch.linalg.pinv(rows.double()).float() * rms  # [hidden, distinct tokens]
     return torch.stack([inverse[:, distinct.index(t)] for t in first])
 
 
@@ -153,7 +170,7 @@ def _score(adapted: AdaptedModel, s: GateStates, mask: torch.Tensor, delta: torc
     model = adapted.model
     h = s.h[mask] + (delta if delta is not None else 0)
     device = adapted.device
-    norm, head = model.get_decoder().norm, model.get_output_embeddings()
+    norm, head = final_norm(model), model.get_output_embeddings()
     tokens = s.token[mask]
     ce, hits = [], []
     for i in range(0, len(h), 512):
@@ -188,14 +205,10 @@ def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dic
     s = gather_states(adapted, hypernet, rows, max_len, batch_size, progress)
     held = s.held_out[s.example]
     fit = ~held
-    if not fit.any() or not held.any():
-        raise ValueError(f"label gate: {len(rows)} examples leave no users to fit on or to choose on")
-    tok = adapted.tokenizer
-    first_tokens = [tok(label, add_special_tokens=False)["input_ids"][0] for label in c.gate_labels]
     model = adapted.model
     with torch.no_grad():
-        label_logits = model.get_output_embeddings()(model.get_decoder().norm(s.h[s.first].to(adapted.device)))
-    label_logits = label_logits[:, first_tokens].float().cpu()
+        label_logits = model.get_output_embeddings()(final_norm(model)(s.h[s.first].to(adapted.device)))
+    label_logits = label_logits[:, label_first_tokens(adapted.tokenizer, c.gate_labels)].float().cpu()
     rms = float(s.h[s.first & fit].pow(2).mean(-1).sqrt().mean())
     directions = _directions(adapted, c.gate_labels, rms)  # [n, hidden]
 
@@ -219,6 +232,40 @@ def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dic
     with_gate = _score(adapted, s, held, gain * ((s.x[held] @ read.T) * s.shares[s.example[held]]) @ directions)
     report = {"examples": len(rows), "positions": len(s.token), "holdout_examples": int(s.held_out.sum()),
               "offered": k, "ridge": ridge, "gain": gain,
+              "same_first_token": same_first_token(c.gate_labels, label_first_tokens(adapted.tokenizer, c.gate_labels)),
               "holdout_loss": {"without": without[0], "with": with_gate[0]},
               "holdout_first_token_accuracy": {"without": without[1], "with": with_gate[1]}}
     return GateFit(read, write, ridge, gain, report)
+
+
+# --- the gate of a run's result ---------------------------------------------------------------------
+
+
+def fit_gate(config: TrainConfig, adapted: AdaptedModel, hypernet: Hypernetwork, train_rows: list[dict],
+             log: Callable[[str], None] = print, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Fit `hypernet`'s label gate on a fixed sample of training examples, as its run saw them: a
+    control's rows carry the control's one embedding (its gate writes the training users' mean shares,
+    the same for everyone) and, for `retrieval`, the profile text in the prompt. The report goes in the config."""
+    rows = as_control(val_rows_sample(train_rows, config.label_gate_examples), config.control,
+                      hypernet.shared_embedding().numpy())
+    fit = fit_label_gate(adapted, hypernet, rows, config.max_seq_len, config.batch_size, progress)
+    hypernet.config.extra["label_gate"] = r = fit.report
+    log(f"label gate: k {r['offered']}, gain {r['gain']:g}, ridge {r['ridge']:g}; first answer token on held-out "
+        f"training users {r['holdout_first_token_accuracy']['without']:.3f} -> "
+        f"{r['holdout_first_token_accuracy']['with']:.3f} ({r['examples']} examples)")
+    return r
+
+
+def fit_gate_checkpoint(config: TrainConfig, model: nn.Module, tokenizer, folder: str, train_rows: list[dict],
+                        log: Callable[[str], None] = print, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """The checkpoint in `folder` with its label gate fitted (a new hypernet_id). The new folder is
+    written beside it and swapped in, so a fit that dies leaves the trained checkpoint loadable."""
+    hypernet, _ = load_hypernet(folder)
+    report = fit_gate(config, AdaptedModel(model, tokenizer, hypernet.config), hypernet, train_rows, log, progress)
+    fresh, stale = folder.rstrip("/") + ".gated", folder.rstrip("/") + ".ungated"
+    shutil.rmtree(fresh, ignore_errors=True)
+    save_hypernet(hypernet, fresh)
+    os.replace(folder, stale)
+    os.replace(fresh, folder)
+    shutil.rmtree(stale)
+    return report

@@ -24,21 +24,14 @@ from torch import nn
 from p2p.config import TrainConfig
 from p2p.errors import P2PError
 from p2p.model.adapted import AdaptedModel
-from p2p.model.hypernet import (
-    HypernetConfig,
-    Hypernetwork,
-    adapter_paths,
-    load_hypernet,
-    make_config,
-    save_hypernet,
-)
+from p2p.model.hypernet import HypernetConfig, Hypernetwork, adapter_paths, make_config, save_hypernet
 from p2p.model.label_binding import answer_position, binding_matrix, labels_of_tasks
 from p2p.model.label_gate import gate_labels
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import Batch, batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
 from p2p.train.examples import as_control, embedding_stats, user_embeddings
-from p2p.train.gate_fit import fit_label_gate
+from p2p.train.gate_fit import fit_gate, fit_gate_checkpoint
 from p2p.train.step import AdapterLoss, AdapterSource, val_metrics, val_rows_sample, val_sums
 
 
@@ -167,10 +160,12 @@ class LossPlateau:
 
 def hypernet_config_for(config: TrainConfig, model: nn.Module, embed_dim: int,
                         tasks: Iterable[str] = ()) -> HypernetConfig:
+    """The hypernet config a run of `config` trains for `model`; the label gate's labels are those of the
+    training `tasks` (a gated config needs them)."""
     gate = {}
     if config.label_gate:
         labels, dims = gate_labels(tasks, config.profile_features, embed_dim)
-        gate = {"gate_labels": labels, "gate_bins": dims, "gate_module": config.label_gate_module}
+        gate = {"gate_labels": labels, "gate_dims": dims, "gate_module": config.label_gate_module}
     hconfig = make_config(
         model, config.base, config.encoder, embed_dim, preset=config.preset, rank=config.rank, alpha=config.alpha,
         target_modules=tuple(config.targets), top_k_layers=config.top_k_layers, seed=config.seed,
@@ -293,39 +288,9 @@ def train_local(config: TrainConfig, model: nn.Module, tokenizer, train_rows: li
     loop = TrainLoop(loss, TorchStepper(hypernet, hypernet.parameters(), optimizer, scheduler, config.grad_clip),
                      config.max_steps, config.eval_every, Validation(loss, hypernet, val_batches), on_step)
     history = loop.run(collated(training_batches(config, train_rows, config.seed), fmt, config.max_seq_len))
-    if gated(config):
-        fit_gate(config, loss.adapted, hypernet, train_rows, log)
+    if config.label_gate:  # the handed-on model's gate: RUN/best's with a run dir, else the one in memory
         if checkpoints:
             fit_gate_checkpoint(config, model, tokenizer, os.path.join(run_dir, "best"), train_rows, log)
+        else:
+            fit_gate(config, loss.adapted, hypernet, train_rows, log)
     return {"hypernet": hypernet, "history": history, "adapter_loss": loss}
-
-
-# --- the label gate, fitted to the run's result (p2p/train/gate_fit.py) ---------------------------
-
-
-def gated(config: TrainConfig) -> bool:
-    """A control reads no user, so its gate would write nothing: it is not fitted."""
-    return config.label_gate and config.control == "none"
-
-
-def fit_gate(config: TrainConfig, adapted: AdaptedModel, hypernet: Hypernetwork, train_rows: list[dict],
-             log: Callable[[str], None] = print, progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Fit `hypernet`'s label gate on a fixed sample of training examples; its report goes in the config."""
-    rows = val_rows_sample(train_rows, config.label_gate_examples)
-    fit = fit_label_gate(adapted, hypernet, rows, config.max_seq_len, config.batch_size, progress)
-    hypernet.config.extra["label_gate"] = fit.report
-    r = fit.report
-    log(f"label gate: gain {r['gain']:g}, ridge {r['ridge']:g}; held-out training users' loss "
-        f"{r['holdout_loss']['without']:.4f} -> {r['holdout_loss']['with']:.4f}, first answer token "
-        f"{r['holdout_first_token_accuracy']['without']:.3f} -> {r['holdout_first_token_accuracy']['with']:.3f} "
-        f"({r['examples']} examples)")
-    return fit.report
-
-
-def fit_gate_checkpoint(config: TrainConfig, model: nn.Module, tokenizer, folder: str, train_rows: list[dict],
-                        log: Callable[[str], None] = print, progress: Callable[[int], None] = lambda n: None) -> dict:
-    """The checkpoint in `folder` with its label gate fitted, written back (a new hypernet_id)."""
-    hypernet, _ = load_hypernet(folder)
-    report = fit_gate(config, AdaptedModel(model, tokenizer, hypernet.config), hypernet, train_rows, log, progress)
-    save_hypernet(hypernet, folder)
-    return report

@@ -80,7 +80,7 @@ def test_ray_zero3_smoke(ray_cluster, train_data, tmp_path):
 
 @pytest.mark.slow
 def test_ray_run_fits_the_label_gate_into_best_only(ray_cluster, gate_data, tmp_path):
-    """The driver fits the gate of the handed-on checkpoint; `latest` (what a resume trains on) keeps it shut."""
+    """The driver fits the gate of the handed-on checkpoint; `latest` keeps the columns as training left them."""
     from pipelines.train import run_training
 
     summary = run_training(config_from_dict({**GATE, "workers": 1, "zero_stage": 0, "max_steps": 4, "eval_every": 4}),
