@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from p2p.generation.decoding import decode
 from p2p.generation.label_choice import LabelChooser
@@ -299,7 +300,8 @@ class OPPU(Method):
             if e["task"] not in tasks_of[e["user_id"]]:
                 tasks_of[e["user_id"]].append(e["task"])
         adapters, seconds = {}, []
-        for u in ids:
+        # a minute a user on CPUs: the one step of `p2p eval` long enough to need its own bar
+        for u in tqdm(ids, desc=f"{self.name}: one LoRA per user", unit="user", disable=None):
             t = time.perf_counter()
             adapters[u] = self.train_user(u, users[u]["history"], tasks_of[u])
             seconds.append(time.perf_counter() - t)

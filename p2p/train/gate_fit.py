@@ -35,6 +35,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,7 +134,7 @@ def gather_states(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict
     finally:
         for h in hooks:
             h.remove()
-    embeddings = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
+    embeddings = torch.from_numpy(np.asarray([np.asarray(r["embedding"], np.float32) for r in rows]))
     held = held_out_users([r["user_id"] for r in rows])
     return GateStates(
         x=torch.cat(xs), h=torch.cat(hs), token=torch.cat(tokens), example=torch.cat(examples), first=torch.cat(firsts),
