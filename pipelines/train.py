@@ -40,7 +40,7 @@ from p2p.config import TrainConfig, config_from_dict
 from p2p.data.schemas import read_table
 from p2p.errors import P2PError
 from p2p.model.adapted import AdaptedModel
-from p2p.model.label_gate import gate_labels
+from p2p.model.label_gate import check_gate_rank, gate_labels
 from p2p.profile.config import ProfileConfig
 from p2p.profile.embedder import embedder_id
 from p2p.task.prompt import PromptFormat
@@ -489,9 +489,7 @@ def _export_run(result: ray.train.Result, out: str, config: TrainConfig, t0: flo
 def _check_gate(config: TrainConfig, examples: pa.Table, embed_dim: int) -> None:
     """What would stop the label gate, named before training starts rather than in every worker or after it."""
     labels, _ = gate_labels(sorted(task_counts(examples)), config.profile_features, embed_dim)
-    if len(labels) > config.rank:
-        raise P2PError(f"label_gate needs a rank column per label: {len(labels)} labels, rank {config.rank}; "
-                       f"set rank to at least {len(labels)}")
+    check_gate_rank(len(labels), config.rank)
     held_out_users(pc.unique(examples.column("user_id")).to_pylist())
 
 

@@ -67,11 +67,16 @@ def check_gate(labels: list[str], dims: list[int], module: str, shapes: dict[str
     if module not in GATE_MODULES or shapes[module][1] != hidden:
         raise P2PError(f"label_gate_module {module!r} is not the MLP's output projection ({', '.join(sorted(GATE_MODULES))}): "
                        "the gate's write must reach the final norm unchanged")
-    if len(labels) > rank:
-        raise P2PError(f"label_gate needs a rank column per label: {len(labels)} labels, rank {rank}; "
-                       f"set rank to at least {len(labels)}")
+    check_gate_rank(len(labels), rank)
     if len(dims) != len(labels) or not all(0 <= d < embed_dim for d in dims):
         raise P2PError(f"label_gate: label dims {dims} do not fit an embedding of {embed_dim}")
+
+
+def check_gate_rank(n_labels: int, rank: int) -> None:
+    """The gate takes a rank column per label: checked by the hypernet and, before training starts, by the driver."""
+    if n_labels > rank:
+        raise P2PError(f"label_gate needs a rank column per label: {n_labels} labels, rank {rank}; "
+                       f"set rank to at least {n_labels}")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
