@@ -15,35 +15,19 @@ answers in LaMP's format); DIR is what `bench.lamp_shaped` wrote. Writes bench/r
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
+from bench.lamp_answers import load_golds, load_questions, method_answers, parser
 from bench.lamp_shaped import history_rule, themes_of
 from bench.report import write
 from p2p.evaluation.stats import mean_ci, paired_diff_ci
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--report", required=True, help="an evaluation's output folder")
-    ap.add_argument("--questions", required=True, help="LaMP questions JSON of the scored split")
-    ap.add_argument("--outputs", required=True, help="its LaMP outputs JSON (the golds)")
-    ap.add_argument("--out", default="bench/results")
-    args = ap.parse_args(argv)
-    lamp = os.path.join(args.report, "lamp")
-    with open(args.questions) as f:
-        loaded = json.load(f)
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    loaded = load_questions(args.questions)
     questions = {q["id"]: q["input"] for q in loaded}
     rule = {q["id"]: history_rule(q["profile"], tuple(themes_of(q["input"]))) for q in loaded}
-    with open(args.outputs) as f:
-        golds = {g["id"]: g["output"] for g in json.load(f)["golds"] if g["id"] in questions}
-    answer_sets = {}
-    for method in sorted(d for d in os.listdir(lamp) if os.path.isfile(os.path.join(lamp, d, "LaMP_2.json"))):
-        with open(os.path.join(lamp, method, "LaMP_2.json")) as f:
-            answer_sets[method] = {g["id"]: g["output"].strip() for g in json.load(f)["golds"] if g["id"] in golds}
-    if not answer_sets:
-        raise SystemExit(f"{lamp}: no method's LaMP_2.json answers")
+    golds = load_golds(args.outputs, set(questions))
+    answer_sets = method_answers(args.report, "LaMP_2", set(golds))
     answer_sets["history rule"] = {i: rule[i] for i in set().union(*answer_sets.values())}
     rows = []
     for method, answers in answer_sets.items():
