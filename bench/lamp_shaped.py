@@ -12,7 +12,7 @@ shape: `<split>_questions.json` (a list of {id, input, profile: [...]}) and `<sp
 - `--task LaMP_3` (product rating, 1-5): every review's text carries a sentiment 1-5, and each
   user shifts every rating by a personal offset (-2..+2, clipped to 1..5), revealed by their
   history: a shift that applies to every question. The input alone scores MAE ~0.9; reading the
-  offset off the history (a hand rule) ~0.35.
+  user's mean shift off the history (a hand rule) about 0.2 (0.182 over 1,200 users at the defaults).
 
     python -m bench.lamp_shaped --out DIR [--task LaMP_2] [--users 1200] [--seed 0]
     for s in train val test_id; do p2p import-lamp --questions DIR/${s}_questions.json \
@@ -119,7 +119,10 @@ def make_rating_user(rng: random.Random, uid: str, items: int, noise: float) -> 
 
 def sentiment_of(text: str) -> int:
     """The sentiment 1-5 a LaMP-3-shaped review carries (read off the phrase it was written with)."""
-    return next(s for s, phrases in SENTIMENT_PHRASES.items() if any(phrase in text for phrase in phrases))
+    for sentiment, phrases in SENTIMENT_PHRASES.items():
+        if any(phrase in text for phrase in phrases):
+            return sentiment
+    raise ValueError(f"not a bench.lamp_shaped review (no sentiment phrase): {text[:80]!r}")
 
 
 def offset_rule(profile: list[dict], sentiment: int) -> str:
@@ -129,7 +132,7 @@ def offset_rule(profile: list[dict], sentiment: int) -> str:
 
 
 def clipped_offset_rule(profile: list[dict], sentiment: int) -> str:
-    """The offset that best explains the history once ratings are clipped to 1-5 (the smallest on a tie).
+    """The offset that best explains the history once ratings are clipped to 1-5 (the one nearest 0 on a tie).
 
     The mean shift underestimates a large offset: a +2 user's 4- and 5-sentiment reviews are rated 5, a
     shift of 1 and 0. This rule knows how the data was made, so it is the ceiling of reading the user.

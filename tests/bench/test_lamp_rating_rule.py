@@ -13,15 +13,18 @@ from p2p.task.registry import LAMP_3_PROMPT
 def test_sentiment_is_read_off_the_review_phrase():
     for sentiment, phrases in SENTIMENT_PHRASES.items():
         assert sentiment_of(LAMP_3_PROMPT.format(text=f"I bought this lamp. {phrases[-1]}")) == sentiment
+    with pytest.raises(ValueError, match="no sentiment phrase"):
+        sentiment_of("I bought this lamp. It is a lamp.")
 
 
 def _write(tmp_path, answers: dict[str, list[str]]) -> dict:
-    # Four users, each with two history reviews: offsets +1, +1, 0, -2. The question's review has sentiment 3.
+    # Four users, each with two history reviews (sentiments 3 and 4, rated on the 1-5 scale): offsets +1, +1, 0, -2,
+    # none clipped away. The question's review has sentiment 3.
     offsets = [1, 1, 0, -2]
     review = LAMP_3_PROMPT.format(text=f"I bought this lamp. {SENTIMENT_PHRASES[3][0]}")
     questions = [{"id": f"q{k}", "input": review, "profile": [
-        {"id": f"q{k}-{j}", "text": f"A kettle. {SENTIMENT_PHRASES[s][0]}", "score": str(s + off)}
-        for j, s in enumerate((2, 3))]} for k, off in enumerate(offsets)]
+        {"id": f"q{k}-{j}", "text": f"A kettle. {SENTIMENT_PHRASES[s][0]}", "score": str(min(5, max(1, s + off)))}
+        for j, s in enumerate((3, 4))]} for k, off in enumerate(offsets)]
     golds = [{"id": f"q{k}", "output": str(3 + off)} for k, off in enumerate(offsets)]
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "o.json").write_text(json.dumps({"task": "LaMP_3", "golds": golds}))
