@@ -36,17 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     answer_sets["history rule"] = {i: rule[i] for i in scored}
     profiles = {q["id"]: q["profile"] for q in loaded}
     answer_sets["history rule, clip-aware"] = {i: clipped_offset_rule(profiles[i], sentiment[i]) for i in scored}
+    rule_error = {i: rating_error(rule[i], golds[i]) for i in scored}
     rows = []
     for method, answers in answer_sets.items():
         ids = sorted(answers)  # one question per user in LaMP-3: the question id stands for its user
         error = [rating_error(answers[i], golds[i]) for i in ids]
-        rule_error = [rating_error(rule[i], golds[i]) for i in ids]
         # the user's offset shows where the gold differs from the review's own sentiment
         shifted = [i for i in ids if int(golds[i]) != sentiment[i]]
         unshifted = [i for i in ids if int(golds[i]) == sentiment[i]]
         by_id = dict(zip(ids, error, strict=True))
         rows.append({"method": method, "users": len(ids), "MAE": mean_ci(error, ids).text(),
-                     "MAE - history rule": paired_diff_ci(error, rule_error, ids).text(),
+                     "MAE - history rule": paired_diff_ci(error, [rule_error[i] for i in ids], ids).text(),
                      "MAE where the user shifts the rating": mean_ci([by_id[i] for i in shifted], shifted).text(),
                      "MAE where they do not": mean_ci([by_id[i] for i in unshifted], unshifted).text(),
                      "users shifted": len(shifted)})

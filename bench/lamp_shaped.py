@@ -101,9 +101,13 @@ def review(rng: random.Random, sentiment: int) -> str:
     return f"I bought this {rng.choice(PRODUCTS)}. {rng.choice(SENTIMENT_PHRASES[sentiment])}"
 
 
+def on_scale(score: float) -> int:
+    """A rating clipped to LaMP-3's 1-5 scale."""
+    return min(5, max(1, round(score)))
+
+
 def rating(rng: random.Random, sentiment: int, offset: int, noise: float) -> int:
-    score = sentiment + offset + (rng.choice((-1, 1)) if rng.random() < noise else 0)
-    return min(5, max(1, score))
+    return on_scale(sentiment + offset + (rng.choice((-1, 1)) if rng.random() < noise else 0))
 
 
 def make_rating_user(rng: random.Random, uid: str, items: int, noise: float) -> tuple[dict, str, int]:
@@ -128,7 +132,7 @@ def sentiment_of(text: str) -> int:
 def offset_rule(profile: list[dict], sentiment: int) -> str:
     """The hand rule: the user's mean shift over their history, added to the review's own sentiment."""
     shifts = [int(p["score"]) - sentiment_of(p["text"]) for p in profile]
-    return str(min(5, max(1, round(sentiment + sum(shifts) / len(shifts)))))
+    return str(on_scale(sentiment + sum(shifts) / len(shifts)))
 
 
 def clipped_offset_rule(profile: list[dict], sentiment: int) -> str:
@@ -138,8 +142,8 @@ def clipped_offset_rule(profile: list[dict], sentiment: int) -> str:
     shift of 1 and 0. This rule knows how the data was made, so it is the ceiling of reading the user.
     """
     history = [(sentiment_of(p["text"]), int(p["score"])) for p in profile]
-    offset = min(range(-2, 3), key=lambda o: (sum(abs(min(5, max(1, s + o)) - r) for s, r in history), abs(o)))
-    return str(min(5, max(1, sentiment + offset)))
+    offset = min(range(-2, 3), key=lambda o: (sum(abs(on_scale(s + o) - r) for s, r in history), abs(o)))
+    return str(on_scale(sentiment + offset))
 
 
 def main() -> None:
