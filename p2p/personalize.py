@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from p2p.data.schemas import iter_tables, users_uri
 from p2p.errors import P2PError
@@ -26,6 +25,7 @@ from p2p.model.hypernet import Hypernetwork, checkpoint_files, load_hypernet, lo
 from p2p.model.lora import UserAdapter
 from p2p.model.peft_format import peft_files, write_peft_folder
 from p2p.profile.embedder import ProfileEmbedder
+from p2p.progress import ProgressBar
 from p2p.store import AdapterStore, StoreDamaged, StoreError
 from p2p.store.manifest import check_embedding_rows
 from p2p.userkey import user_key
@@ -104,8 +104,7 @@ class Personalizer:
         wanted = set(users) if users is not None else None
         found: set[str] = set()
         written = 0
-        with tqdm(total=len(wanted) if wanted is not None else None, unit="user", desc="generate",
-                  disable=None) as bar:
+        with ProgressBar(len(wanted) if wanted is not None else None, "generate", "user") as bar:
             for chunk in _chunks(_histories(data, wanted, found), batch_size):
                 for (uid, _), adapter in zip(chunk, self.adapters([h for _, h in chunk]), strict=True):
                     write_peft_folder(self.files(adapter), os.path.join(out, user_key(uid)))

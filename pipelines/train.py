@@ -43,6 +43,7 @@ from p2p.model.adapted import AdaptedModel
 from p2p.model.label_gate import check_gate_rank, gate_labels
 from p2p.profile.config import ProfileConfig
 from p2p.profile.embedder import embedder_id
+from p2p.progress import ProgressBar
 from p2p.task.prompt import PromptFormat
 from p2p.train.batch import batches_of
 from p2p.train.batching import check_task_weights, collated, training_batches
@@ -501,7 +502,7 @@ def _fit_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, l
     rows = example_rows(data, profiles, ("train",), config.tasks)
     model, tokenizer = load_base_model(config.base)
     total = min(len(rows), config.label_gate_examples)
-    with tqdm(total=total, desc="fit label gate", unit="example", disable=None) as bar:
+    with ProgressBar(total, "fit label gate", "example") as bar:
         return fit_gate_checkpoint(config, copy.deepcopy(model), tokenizer, folder, rows, log, bar.update)
 
 

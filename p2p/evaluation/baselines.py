@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from p2p.generation.decoding import decode
 from p2p.generation.label_choice import LabelChooser
@@ -43,6 +42,7 @@ from p2p.model.peft_format import peft_files
 from p2p.personalize import Personalizer
 from p2p.profile.config import ProfileConfig
 from p2p.profile.text import build_profile
+from p2p.progress import ProgressBar
 from p2p.task.prompt import PromptFormat, profile_context
 from p2p.task.registry import CLASSIFICATION, RATING, Task
 from p2p.train.batching import collated, epochs
@@ -301,11 +301,13 @@ class OPPU(Method):
                 tasks_of[e["user_id"]].append(e["task"])
         adapters, seconds = {}, []
         # a minute a user on CPUs: the one step of `p2p eval` long enough to need its own bar
-        for u in tqdm(ids, desc=f"{self.name}: one LoRA per user", unit="user", disable=None):
-            t = time.perf_counter()
-            adapters[u] = self.train_user(u, users[u]["history"], tasks_of[u])
-            seconds.append(time.perf_counter() - t)
-            self.train_seconds[u] = seconds[-1]
+        with ProgressBar(len(ids), f"{self.name}: one LoRA per user", "user") as bar:
+            for u in ids:
+                t = time.perf_counter()
+                adapters[u] = self.train_user(u, users[u]["history"], tasks_of[u])
+                seconds.append(time.perf_counter() - t)
+                self.train_seconds[u] = seconds[-1]
+                bar.update()
         self.cost.personalize_seconds_per_user = float(np.mean(seconds)) if seconds else 0.0
         self.cost.users = len(ids)
         if ids:

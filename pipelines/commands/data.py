@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from tqdm import tqdm
-
 from p2p.data.lamp import import_lamp
 from p2p.data.synthetic import write_synthetic
 from p2p.errors import P2PError
+from p2p.progress import ProgressBar
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     t0 = time.perf_counter()
     try:
-        with tqdm(total=args.users, unit="user", desc="synth", disable=None) as bar:
+        with ProgressBar(args.users, "synth", "user") as bar:
             stats = write_synthetic(
                 args.out, args.users, args.seed, tasks, args.chunk_size, args.workers, progress=bar.update
             )
