@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_questions(args.questions)
     sentiment = {q["id"]: sentiment_of(q["input"]) for q in loaded}
     rule = {q["id"]: offset_rule(q["profile"], sentiment[q["id"]]) for q in loaded}
+    clip_rule = {q["id"]: clipped_offset_rule(q["profile"], sentiment[q["id"]]) for q in loaded}
     golds = load_golds(args.outputs, set(rule))
     answer_sets = method_answers(args.report, "LaMP_3", set(golds))
     scored = set().union(*answer_sets.values())
     answer_sets["history rule"] = {i: rule[i] for i in scored}
-    profiles = {q["id"]: q["profile"] for q in loaded}
-    answer_sets["history rule, clip-aware"] = {i: clipped_offset_rule(profiles[i], sentiment[i]) for i in scored}
+    answer_sets["history rule, clip-aware"] = {i: clip_rule[i] for i in scored}
     rule_error = {i: rating_error(rule[i], golds[i]) for i in scored}
     rows = []
     for method, answers in answer_sets.items():
