@@ -86,7 +86,7 @@ class Answerer:
         self.prompt_tokens = 0
 
     def answer(self, examples: list[dict], adapters: list[UserAdapter | None] | None = None,
-               system: list[str | None] | None = None) -> list[str]:
+               system: list[str | None] | None = None, desc: str = "answers") -> list[str]:
         budgets = [self.tasks[e["task"]].max_tokens for e in examples]
         # The prompt rule of training and serving: a prompt too long loses the middle of its text.
         ids = [PromptFormat(self.tok, system[i] if system else None).ids(e["input"], self.context - budgets[i])
@@ -94,16 +94,20 @@ class Answerer:
         self.prompt_tokens = sum(len(i) for i in ids)
         out: list[str] = [""] * len(ids)
         free = [i for i, e in enumerate(examples) if e["task"] not in self.choosers]
-        for i, e in enumerate(examples):
-            if e["task"] in self.choosers:
-                out[i] = self.choosers[e["task"]].choose(ids[i], adapters[i] if adapters else None)
         order = sorted(free, key=lambda i: len(ids[i]))  # similar lengths share a batch
-        for s in range(0, len(order), self.batch_size):
-            rows = order[s : s + self.batch_size]
-            decoded = decode(self.adapted, [ids[i] for i in rows], [budgets[i] for i in rows],
-                             [adapters[i] for i in rows] if adapters else None)
-            for i, toks in zip(rows, decoded.tokens, strict=True):
-                out[i] = self.tok.decode(toks, skip_special_tokens=True).strip()
+        # a method answers for up to twenty minutes on CPUs (the profile in the prompt): show it
+        with ProgressBar(len(examples), desc, "answer") as bar:
+            for i, e in enumerate(examples):
+                if e["task"] in self.choosers:
+                    out[i] = self.choosers[e["task"]].choose(ids[i], adapters[i] if adapters else None)
+                    bar.update()
+            for s in range(0, len(order), self.batch_size):
+                rows = order[s : s + self.batch_size]
+                decoded = decode(self.adapted, [ids[i] for i in rows], [budgets[i] for i in rows],
+                                 [adapters[i] for i in rows] if adapters else None)
+                for i, toks in zip(rows, decoded.tokens, strict=True):
+                    out[i] = self.tok.decode(toks, skip_special_tokens=True).strip()
+                bar.update(len(rows))
         return out
 
 
@@ -118,7 +122,7 @@ class Method:
 
     def _timed_answers(self, examples, adapters=None, system=None) -> list[str]:
         t = time.perf_counter()
-        out = self.answerer.answer(examples, adapters, system)
+        out = self.answerer.answer(examples, adapters, system, desc=f"{self.name}: answering")
         self.cost.seconds_per_answer = (time.perf_counter() - t) / max(len(examples), 1)
         self.cost.prompt_tokens_per_answer = self.answerer.prompt_tokens / max(len(examples), 1)
         self.cost.answers = len(examples)
@@ -300,7 +304,7 @@ class OPPU(Method):
             if e["task"] not in tasks_of[e["user_id"]]:
                 tasks_of[e["user_id"]].append(e["task"])
         adapters, seconds = {}, []
-        # a minute a user on CPUs: the one step of `p2p eval` long enough to need its own bar
+        # a minute a user on CPUs: the longest step of `p2p eval`, with its own bar
         with ProgressBar(len(ids), f"{self.name}: one LoRA per user", "user") as bar:
             for u in ids:
                 t = time.perf_counter()

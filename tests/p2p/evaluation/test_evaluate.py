@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -31,7 +32,11 @@ def test_eval_scores_every_method_with_intervals_and_the_effect(run_dir, synth_d
     out = tmp_path / "report"
     rc = main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(out), "--users-per-split", "3",
                "--oppu-users", "1", "--oppu-epochs", "1", "--oppu-max-items", "4", "--bootstrap", "200"])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    # each method that runs the model shows its answering in a job's log: one line when it is done
+    for name in ("base", "prompt", "shared", "shuffled", "oppu", "p2p"):
+        assert re.search(rf"^{name}: answering: (\d+)/\1 answers, .*\(done\)$", err, re.M), (name, err)
     assert sorted(os.listdir(out)) == ["cost.png", "effect.png", "lamp", "quality.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"base", "prompt", "rule", "shared", "shuffled", "oppu", "p2p"}
