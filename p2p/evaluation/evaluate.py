@@ -25,7 +25,7 @@ from p2p.errors import P2PError
 from p2p.evaluation.baselines import DECODINGS, OPPU, Answerer, Method, OPPUConfig, Sources, build_methods
 from p2p.evaluation.metrics import SCORINGS, primary_per_example, score
 from p2p.evaluation.report import BUCKETS, write_report
-from p2p.evaluation.stats import mean_ci, paired_diff_ci
+from p2p.evaluation.stats import mean_ci, paired_diff_ci, verdict
 from p2p.model.adapted import AdaptedModel
 from p2p.model.base import load_base_model
 from p2p.personalize import Personalizer
@@ -221,9 +221,7 @@ class Scorer:
             # the strongest control is the one P2P beats by the least
             best = min(options, key=lambda ctrl: options[ctrl]["effect"])
             effect = options[best]
-            low, high = effect["ci95"]
-            verdict = "P2P better" if low > 0 else "P2P worse" if high < 0 else "no difference shown"
-            out[key] = {**effect, "control": best, "verdict": verdict,
+            out[key] = {**effect, "control": best, "verdict": verdict(effect["ci95"]),
                         "by_control": {k: {"effect": v["effect"], "ci95": v["ci95"]} for k, v in options.items()}}
         return out
 

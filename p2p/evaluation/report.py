@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, in a job or a test
 import matplotlib.pyplot as plt  # noqa: E402
 
+from p2p.evaluation.stats import verdict  # noqa: E402
+
 # Activity levels: users by history length (the paper reports robustness across them).
 BUCKETS = ((0, 47, "<48 items"), (48, 95, "48-95 items"), (96, 10**9, ">=96 items"))
 
@@ -65,10 +67,11 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {key} | {metric} | " + " | ".join(cells) + " |")
     if results.get("p2p_vs_oppu"):
         lines += ["", "## P2P against OPPU, on the users OPPU trained for", "",
-                  "| task / split | metric | P2P - OPPU [95% CI] | n |", "|---|---|---|---|"]
+                  "Positive = P2P better, for an error metric too; 95% intervals from a paired bootstrap over users.",
+                  "", "| task / split | metric | P2P against OPPU [95% CI] | n | verdict |", "|---|---|---|---|---|"]
         for key, e in results["p2p_vs_oppu"].items():
             lines.append(f"| {key} | {e['metric']} | {e['effect']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | "
-                         f"{e['users']}/{e['examples']} |")
+                         f"{e['users']}/{e['examples']} | **{verdict(e['ci95'])}** |")
     lines += ["", "## By history length (activity level), held-out splits pooled (primary metric)", "",
               "| task / history | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     order = {name: i for i, (_, _, name) in enumerate(BUCKETS)}

@@ -66,3 +66,9 @@ def paired_diff_ci(a: list[float], b: list[float], users: list[str], samples: in
     diffs = (sums_a[idx].sum(1) - sums_b[idx].sum(1)) / counts[idx].sum(1)
     tail = (1 - level) / 2 * 100
     return Interval(value, float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail)))
+
+
+def verdict(ci95: list[float] | tuple[float, float]) -> str:
+    """What a paired interval of P2P minus another method says, signed so that positive is P2P better."""
+    low, high = ci95
+    return "P2P better" if low > 0 else "P2P worse" if high < 0 else "no difference shown"

@@ -193,3 +193,21 @@ def test_label_decoding_next_to_free_and_lamp_output_files(run_dir, synth_dir, t
     assert all(set(g) == {"id", "output"} for g in golds["golds"])
     assert main(["eval", "--run", run_dir, "--data", synth_dir, "--out", str(tmp_path / "x"), "--decoding", "beam"]) == 2
     assert "unknown decoding 'beam'" in capsys.readouterr().err
+
+
+def test_the_oppu_table_reads_an_error_metric_the_way_round_a_reader_expects():
+    """P2P's MAE 0.240 against OPPU's 0.135 is stored as -0.105 (positive = P2P better): the report says P2P worse."""
+    from p2p.evaluation.report import report_markdown
+
+    def paired(effect, ci95):
+        return {"metric": "mae", "effect": effect, "ci95": ci95, "users": 50, "examples": 200}
+
+    results = {"hypernet_id": "h", "run": "r", "data": "d", "splits": ["test_id", "test_ood"], "scoring": "official",
+               "users": 100, "examples": 400, "methods": {},
+               "tasks": {"rate": {"kind": "rating", "primary": "mae", "higher_is_better": False}},
+               "p2p_vs_oppu": {"rate/test_id": paired(-0.105, [-0.2, -0.015]),
+                               "rate/test_ood": paired(0.08, [0.0, 0.17])}}
+    md = report_markdown(results)
+    assert "Positive = P2P better, for an error metric too" in md
+    assert "| rate/test_id | mae | -0.105 [-0.200, -0.015] | 50/200 | **P2P worse** |" in md
+    assert "| rate/test_ood | mae | +0.080 [+0.000, +0.170] | 50/200 | **no difference shown** |" in md
