@@ -445,7 +445,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
         raise P2PError(f"training produced no checkpoint; see {out}/ray for the workers' logs")
     summary = _export_run(result, out, config, t0)
     if config.label_gate:
-        summary["label_gate"] = _fit_gate(config, data, table, os.path.join(out, "best"), log)
+        summary["label_gate"] = fit_run_gate(config, data, table, os.path.join(out, "best"), log)
         summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -494,7 +494,7 @@ def _check_gate(config: TrainConfig, examples: pa.Table, embed_dim: int) -> None
     held_out_users(pc.unique(examples.column("user_id")).to_pylist())
 
 
-def _fit_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, log) -> dict:
+def fit_run_gate(config: TrainConfig, data: str, profiles: pa.Table, folder: str, log) -> dict:
     """The label gate of the handed-on checkpoint (OUT/best), fitted here in the driver on training users
     (p2p/train/gate_fit.py). OUT/latest keeps the gate's columns at zero, as training left them."""
     from p2p.model.base import load_base_model  # lazy: transformers takes seconds to import

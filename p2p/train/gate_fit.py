@@ -16,14 +16,18 @@ states of a sample of training examples, each run with its own user's adapter:
    `bench/lamp_gate_probe.py` compares the two.
 2. `write`: for each label, the smallest residual-stream vector that raises that label's first answer
    token by one nat and no other label's (a pseudo-inverse of the labels' output rows through the final
-   norm), times one gain for all labels.
+   norm), times its task's gain.
 
-k (1 to 3), the ridge strength and the gain are chosen together on a quarter of the sampled users the
+k (1 to 3), the ridge strength and the gains are chosen together on a quarter of the sampled users the
 regression did not see, by how often the first answer token is the gold one (the final norm and the LM
 head rerun on the changed hidden states), ties broken by its cross-entropy. Not by the loss alone: the
 user's shares name the label they choose about 3 times in 4, and the loss stops the gain where the
 quarter it gets wrong would be confidently wrong, below the gain that answers best
 (`bench/lamp_gate_probe.py`). Gain 0 is a candidate, so a gate that does not help is fitted shut. Only training users are read; val users still choose between runs.
+
+Each task's labels get a gain of their own, chosen with the other tasks' labels shut: a user's shares of
+five ratings and of 18 tags are not on one scale, and on the synthetic mix one gain for both traded tag
+accuracy against rating error (docs/quality.md, "The label gate on the synthetic benchmark").
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from p2p.model.adapted import AdaptedModel
 from p2p.model.hypernet import Hypernetwork, load_hypernet, save_hypernet
 from p2p.model.label_gate import final_norm, label_first_tokens, same_first_token
 from p2p.task.prompt import PromptFormat
+from p2p.task.registry import task_for
 from p2p.train.batch import IGNORE, batches_of
 from p2p.train.examples import as_control
 from p2p.train.step import val_rows_sample
@@ -63,7 +68,7 @@ class GateFit:
     read: torch.Tensor  # [n, in]: A rows of the gate module
     write: torch.Tensor  # [n, out]: B column per unit share (scale included)
     ridge: float
-    gain: float
+    gains: dict[str, float]  # task -> nats per unit share of its labels
     report: dict
 
 
@@ -198,6 +203,27 @@ def offered_targets(s: GateStates, label_logits: torch.Tensor, k: int) -> torch.
     return y
 
 
+def label_groups(labels: list[str], tasks: list[str]) -> dict[str, list[int]]:
+    """task -> indices of its labels among the gate's `labels`, for the tasks the fit's examples ask
+    (a label two tasks share goes with the first by name; labels of no such task stay shut)."""
+    groups: dict[str, list[int]] = {}
+    taken: set[int] = set()
+    for name in sorted(set(tasks)):
+        index = [labels.index(label) for label in task_for(name).labels or () if label in labels]
+        if index := [i for i in index if i not in taken]:
+            groups[name] = index
+            taken.update(index)
+    return groups
+
+
+def label_gains(gains: dict[str, float], groups: dict[str, list[int]], n: int) -> torch.Tensor:
+    """[n]: each label's gain, its task's (0 for a label of no task)."""
+    per_label = torch.zeros(n)
+    for task, index in groups.items():
+        per_label[index] = gains[task]
+    return per_label
+
+
 def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dict], max_len: int,
                    batch_size: int = 8, progress: Callable[[int], None] = lambda n: None) -> GateFit:
     """The gate for `hypernet` from training `rows` (example_id, user_id, input, target, task, embedding);
@@ -212,31 +238,40 @@ def fit_label_gate(adapted: AdaptedModel, hypernet: Hypernetwork, rows: list[dic
     label_logits = label_logits[:, label_first_tokens(adapted.tokenizer, c.gate_labels)].float().cpu()
     rms = float(s.h[s.first & fit].pow(2).mean(-1).sqrt().mean())
     directions = _directions(adapted, c.gate_labels, rms)  # [n, hidden]
-
+    groups = label_groups(c.gate_labels, [r["task"] for r in rows])
+    n = len(c.gate_labels)
     choose = s.first & held  # choosing by the first answer token: one LM head pass over these positions
+
+    def score(coeff: torch.Tensor, gains: dict[str, float], of: dict[str, list[int]]) -> tuple[float, float]:
+        """(first-token accuracy, -CE) at `choose` with these tasks' gains: larger is better."""
+        ce, acc = _score(adapted, s, choose, (coeff * label_gains(gains, of, n).unsqueeze(0)) @ directions)
+        return acc, -ce
+
     base_ce, base_acc = _score(adapted, s, choose, None)
-    best = (base_acc, -base_ce, 0.0, RIDGES[0], 1)
+    best = ((base_acc, -base_ce), dict.fromkeys(groups, 0.0), RIDGES[0], 1)
     reads = {}
-    for k in range(1, min(MAX_OFFERED, len(c.gate_labels)) + 1):
+    for k in range(1, min(MAX_OFFERED, n) + 1):
         y = offered_targets(s, label_logits, k)
         for ridge in RIDGES:
             reads[k, ridge] = w = ridge_read(s.x[fit], y[fit], ridge)  # [in, n]
             coeff = (s.x[choose] @ w) * s.shares[s.example[choose]]  # [P, n]: gate x share per label
-            for gain in GAINS:
-                ce, acc = _score(adapted, s, choose, gain * coeff @ directions)
-                best = max(best, (acc, -ce, gain, ridge, k))
-    _, _, gain, ridge, k = best
+            gains = {}
+            for task, index in groups.items():  # the first best gain wins a tie, so 0 before any other
+                gains[task] = max((0.0, *GAINS), key=lambda g, t=task, i=index: score(coeff, {t: g}, {t: i}))
+            best = max(best, (score(coeff, gains, groups), gains, ridge, k), key=lambda b: b[0])
+    _, gains, ridge, k = best
+    gain = label_gains(gains, groups, n)
     read = reads[k, ridge].T.contiguous()
-    write = directions * (gain / adapted.scale)  # the LoRA multiplies B A x by the scale
+    write = directions * (gain / adapted.scale).unsqueeze(1)  # the LoRA multiplies B A x by the scale
     hypernet.set_gate(read.to(hypernet.gate_read), write.to(hypernet.gate_write))
     without = _score(adapted, s, held, None)
-    with_gate = _score(adapted, s, held, gain * ((s.x[held] @ read.T) * s.shares[s.example[held]]) @ directions)
+    with_gate = _score(adapted, s, held, ((s.x[held] @ read.T) * s.shares[s.example[held]] * gain) @ directions)
     report = {"examples": len(rows), "positions": len(s.token), "holdout_examples": int(s.held_out.sum()),
-              "offered": k, "ridge": ridge, "gain": gain,
+              "offered": k, "ridge": ridge, "gains": gains,
               "same_first_token": same_first_token(c.gate_labels, label_first_tokens(adapted.tokenizer, c.gate_labels)),
               "holdout_loss": {"without": without[0], "with": with_gate[0]},
               "holdout_first_token_accuracy": {"without": without[1], "with": with_gate[1]}}
-    return GateFit(read, write, ridge, gain, report)
+    return GateFit(read, write, ridge, gains, report)
 
 
 # --- the gate of a run's result ---------------------------------------------------------------------
@@ -251,7 +286,8 @@ def fit_gate(config: TrainConfig, adapted: AdaptedModel, hypernet: Hypernetwork,
                       hypernet.shared_embedding().numpy())
     fit = fit_label_gate(adapted, hypernet, rows, config.max_seq_len, config.batch_size, progress)
     hypernet.config.extra["label_gate"] = r = fit.report
-    log(f"label gate: k {r['offered']}, gain {r['gain']:g}, ridge {r['ridge']:g}; first answer token on held-out "
+    gains = ", ".join(f"{task} {g:g}" for task, g in r["gains"].items())
+    log(f"label gate: k {r['offered']}, gain {gains}, ridge {r['ridge']:g}; first answer token on held-out "
         f"training users {r['holdout_first_token_accuracy']['without']:.3f} -> "
         f"{r['holdout_first_token_accuracy']['with']:.3f} ({r['examples']} examples)")
     return r

@@ -89,7 +89,18 @@ def test_ray_run_fits_the_label_gate_into_best_only(ray_cluster, gate_data, tmp_
     latest, _ = load_hypernet(str(tmp_path / "run" / "latest"))
     assert best.config.extra["label_gate"] == summary["label_gate"] and summary["label_gate"]["examples"] == 48
     assert best.gate_read.abs().sum() > 0 and latest.gate_read.abs().sum() == 0
-    assert (best.gate_write.abs().sum() > 0) == (summary["label_gate"]["gain"] > 0)
+    assert (best.gate_write.abs().sum() > 0) == any(g > 0 for g in summary["label_gate"]["gains"].values())
+    # Refitting the gated checkpoint (bench/refit_gate.py) reads it with the gate shut: the same fit again.
+    from bench.refit_gate import refit
+
+    again = refit(str(tmp_path / "run"), gate_data)
+    refitted, _ = load_hypernet(str(tmp_path / "run" / "best"))
+    torch.testing.assert_close(refitted.gate_read, best.gate_read)  # the read is fitted even where the gain is 0
+    first = summary["label_gate"]
+    assert (again["gains"], again["offered"], again["ridge"]) == (first["gains"], first["offered"], first["ridge"])
+    assert again["holdout_first_token_accuracy"] == pytest.approx(first["holdout_first_token_accuracy"])
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert json.load(f)["label_gate"] == again
 
 
 @pytest.mark.slow

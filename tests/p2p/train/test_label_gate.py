@@ -18,7 +18,7 @@ from p2p.model.label_gate import gate_labels, label_first_tokens, same_first_tok
 from p2p.task.prompt import PromptFormat
 from p2p.task.registry import TAGS
 from p2p.train.batch import batches_of
-from p2p.train.gate_fit import held_out_users
+from p2p.train.gate_fit import held_out_users, label_gains, label_groups
 from p2p.train.loop import hypernet_config_for, train_local
 from p2p.train.step import AdapterLoss, mean_over_examples, val_rows_sample
 
@@ -87,6 +87,15 @@ def test_config_errors_name_the_field(tiny):
         held_out_users(["u1", "u1"])
 
 
+def test_each_task_gets_a_gain_for_its_own_labels():
+    labels = [*TAGS, "1", "2", "3", "4", "5"]
+    groups = label_groups(labels, ["rate", "tag", "headline", "tag"])  # headline has no labels: no group
+    assert groups == {"rate": list(range(len(TAGS), len(labels))), "tag": list(range(len(TAGS)))}
+    gain = label_gains({"rate": 0.0, "tag": 64.0}, groups, len(labels) + 1)
+    assert gain[: len(TAGS)].eq(64).all() and gain[len(TAGS):].eq(0).all()  # the last label has no task: shut
+    assert label_groups(labels, ["headline"]) == {}
+
+
 def test_the_fit_answers_its_holdout_no_worse_and_the_real_forward_agrees_with_its_report(tiny, gate_data):
     train, val = local_rows(gate_data)
     cfg = TrainConfig(**GATE, max_steps=6, eval_every=6)
@@ -105,7 +114,8 @@ def test_the_fit_answers_its_holdout_no_worse_and_the_real_forward_agrees_with_i
     with torch.no_grad():
         per_example = torch.cat([loss.per_example(hypernet, b)[1] for b in batches])
     assert float(mean_over_examples(per_example)) == pytest.approx(report["holdout_loss"]["with"], rel=1e-4)
-    assert (report["gain"] > 0) == (hypernet.gate_write.abs().sum() > 0)
+    assert list(report["gains"]) == ["tag"]  # the only task the examples ask
+    assert (report["gains"]["tag"] > 0) == (hypernet.gate_write.abs().sum() > 0)
 
 
 def test_a_gated_hypernet_exported_for_a_device_carries_its_gate(tiny, tmp_path):
