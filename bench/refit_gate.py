@@ -16,25 +16,18 @@ import argparse
 import json
 import os
 
-from p2p.config import TrainConfig, config_from_dict
-from p2p.data.schemas import read_table
-from p2p.profile.config import ProfileConfig
-from p2p.profile.embedder import embedder_id
-from pipelines.train import fit_run_gate
+from p2p.config import config_from_dict
+from pipelines.train import fit_run_gate, training_profiles
 
 
-def profiles_of(run: str, data: str, config: TrainConfig) -> str:
-    """The profiles the run trained on, as `p2p train` finds them: DATA/profiles, else the ones it built
-    into RUN/profiles (a control's run folder is inside its P2P run's). Made by this config's encoder."""
+def profiles_of(run: str, data: str) -> str:
+    """The profiles folder the run trained on, where `p2p train` puts it: DATA/profiles, else the one it
+    built into RUN/profiles (a control's run folder is inside its P2P run's)."""
     candidates = [os.path.join(data, "profiles"), os.path.join(run, "profiles"),
                   os.path.join(os.path.dirname(os.path.abspath(run)), "profiles")]
     folder = next((c for c in candidates if os.path.isdir(c)), None)
     if folder is None:
         raise SystemExit(f"no profiles for {run}: none of {', '.join(candidates)}")
-    made_by = read_table(folder, "profiles").column("encoder")
-    expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
-    if len(made_by) and made_by[0].as_py() != expected:
-        raise SystemExit(f"{folder}: embedded by {made_by[0].as_py()!r} but {run}'s config gives {expected!r}")
     return folder
 
 
@@ -44,8 +37,7 @@ def refit(run: str, data: str) -> dict:
         config = config_from_dict(json.load(f))
     if not config.label_gate:
         raise SystemExit(f"{run}/train_config.json: label_gate is off; there is no gate to refit")
-    columns = ["user_id", "embedding"] + (["profile_text"] if config.control == "retrieval" else [])
-    profiles = read_table(profiles_of(run, data, config), "profiles").select(columns)
+    profiles = training_profiles(config, profiles_of(run, data))
     report = fit_run_gate(config, data, profiles, os.path.join(run, "best"), print)
     summary_path = os.path.join(run, "summary.json")
     summary = {}

@@ -404,16 +404,7 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train_config.json"), "w") as f:
         json.dump(config.model_dump(), f, indent=2)
-    profiles = profiles or _profiles_for(data, out, config, log)
-    reads_text = config.control == "retrieval"  # the retrieval control's prompts hold the profile text
-    table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"]
-                                                    + (["profile_text"] if reads_text else []))
-    expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
-    made_by = table.column("encoder")[0].as_py() if len(table) else expected
-    if made_by != expected:
-        raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
-                       f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
-    table = table.drop_columns(["encoder"])
+    table = training_profiles(config, profiles or _profiles_for(data, out, config, log))
     embed_dim = table.schema.field("embedding").type.list_size
     if config.label_gate:
         _check_gate(config, examples, embed_dim)
@@ -450,6 +441,20 @@ def run_training(config: TrainConfig, data: str, out: str, profiles: str | None 
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def training_profiles(config: TrainConfig, profiles: str) -> pa.Table:
+    """The profile columns a run of `config` reads (user_id, embedding; the text for `retrieval`), checked
+    to be made by the config's encoder and profile settings: another encoder's embeddings train nothing."""
+    reads_text = config.control == "retrieval"  # the retrieval control's prompts hold the profile text
+    table = read_table(profiles, "profiles").select(["user_id", "embedding", "encoder"]
+                                                    + (["profile_text"] if reads_text else []))
+    expected = embedder_id(config.encoder, ProfileConfig(**config.profile_config()))
+    made_by = table.column("encoder")[0].as_py() if len(table) else expected
+    if made_by != expected:
+        raise P2PError(f"{profiles}: embedded by {made_by!r} but the config's encoder and profile settings give "
+                       f"{expected!r}; rebuild them (`p2p profiles --config ...`) or remove the folder")
+    return table.drop_columns(["encoder"])
 
 
 # Room the retrieval control's prompts need for the profile text (900 characters, ~250 tokens).
