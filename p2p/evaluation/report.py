@@ -40,7 +40,7 @@ def report_markdown(results: dict) -> str:
     scoring = ("official LaMP scoring (eval/evaluation.py)" if results["scoring"] == "official"
                else "LENIENT scoring (first word / first number / stemmed ROUGE): not LaMP's official scoring")
     lines = [f"# p2p eval: hypernet {results['hypernet_id']}", "",
-             f"Held-out users only (splits: {', '.join(results['splits'])}): {results['users']} users, "
+             f"Users no training step saw (splits: {', '.join(results['splits'])}): {results['users']} users, "
              f"{results['examples']} examples. Run: `{results['run']}`; data: `{results['data']}`. "
              f"Metrics: {scoring}.", ""]
     effects = results.get("effects") or {}
