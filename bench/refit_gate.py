@@ -17,14 +17,13 @@ import json
 import os
 
 from p2p.config import config_from_dict
-from pipelines.train import fit_run_gate, training_profiles
+from pipelines.train import fit_run_gate, profiles_folder, training_profiles
 
 
 def profiles_of(run: str, data: str) -> str:
-    """The profiles folder the run trained on, where `p2p train` puts it: DATA/profiles, else the one it
-    built into RUN/profiles (a control's run folder is inside its P2P run's)."""
-    candidates = [os.path.join(data, "profiles"), os.path.join(run, "profiles"),
-                  os.path.join(os.path.dirname(os.path.abspath(run)), "profiles")]
+    """The profiles folder the run trained on, where `p2p train` found or built it: the run's own, else,
+    for a control (its folder is inside its P2P run's), the P2P run's."""
+    candidates = [profiles_folder(data, run), profiles_folder(data, os.path.dirname(os.path.abspath(run)))]
     folder = next((c for c in candidates if os.path.isdir(c)), None)
     if folder is None:
         raise SystemExit(f"no profiles for {run}: none of {', '.join(candidates)}")

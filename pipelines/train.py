@@ -517,14 +517,17 @@ def _export(checkpoint: ray.train.Checkpoint, dest: str) -> None:
         shutil.copytree(os.path.join(d, "hypernet"), dest)
 
 
-def _profiles_for(data: str, out: str, config: TrainConfig, log) -> str:
-    """DATA/profiles when it exists (made by `p2p profiles`), else build them into OUT/profiles."""
+def profiles_folder(data: str, out: str) -> str:
+    """Where a run into `out` reads its profiles: DATA/profiles when it exists (made by `p2p profiles`),
+    else OUT/profiles, which `p2p train` builds."""
     existing = os.path.join(data, "profiles")
-    if os.path.isdir(existing):
-        return existing
+    return existing if os.path.isdir(existing) else os.path.join(out, "profiles")
 
-    dest = os.path.join(out, "profiles")
+
+def _profiles_for(data: str, out: str, config: TrainConfig, log) -> str:
+    """The run's profiles folder (`profiles_folder`), built first when it does not exist."""
+    dest = profiles_folder(data, out)
     if not os.path.isdir(dest):
-        log(f"[p2p train] no {existing}; building profiles into {dest}")
+        log(f"[p2p train] no {os.path.join(data, 'profiles')}; building profiles into {dest}")
         run_profiles(os.path.join(data, "users"), dest, config.encoder, config.profile_config())
     return dest
